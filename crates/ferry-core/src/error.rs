@@ -1,0 +1,192 @@
+//! The one error type of ferry. Every variant says what was wrong and, where there is
+//! something to do, what to do. Variants are grouped the way SpecForge's callers distinguish
+//! Python exceptions (see `SPECFORGE-RUNTIME.md`): `KeyError`-class (not found, stale,
+//! use-after-free, short read), `PermissionError` (auth), `MemoryError` (budget),
+//! `ValueError` (invalid argument), `RuntimeError` (backend, drain), `TimeoutError`.
+
+use std::fmt;
+
+/// `Result` with ferry's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error a ferry library call can return.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The caller passed something that can never work (empty put, bad shape, bad option).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A dtype string that ferry does not know.
+    #[error(
+        "unsupported feature dtype {dtype:?}: expected one of float32, float64, float16, bfloat16, int64, int32, int16, int8, uint8, bool"
+    )]
+    UnknownDtype {
+        /// The dtype string as found.
+        dtype: String,
+    },
+
+    /// A JSON document that does not parse, or has unknown or missing fields.
+    #[error("{context}: {message}")]
+    Json {
+        /// What was being read (e.g. "SampleRef JSON", "manifest /x/manifest.json").
+        context: String,
+        /// serde's description, which names the offending field and position.
+        message: String,
+    },
+
+    /// The sample or object is not available: freed, stale, or never written.
+    #[error("{what} is not available (freed, stale, or never written)")]
+    NotFound {
+        /// What was asked for, e.g. `sample "s0" generation 3` or an object key.
+        what: String,
+    },
+
+    /// A ref names an older generation than the one the store now holds (the sample was
+    /// re-put); its bytes are gone and must never alias the new ones.
+    #[error(
+        "stale ref for sample {sample_id:?}: ref generation {ref_generation}, store holds generation {current_generation}; fetch the newer ref"
+    )]
+    StaleRef {
+        /// The sample.
+        sample_id: String,
+        /// Generation the ref asked for.
+        ref_generation: u64,
+        /// Generation the store holds.
+        current_generation: u64,
+    },
+
+    /// The sample's generation was released or aborted; reading it again is refused even if a
+    /// lazy backend still holds the bytes.
+    #[error("sample {sample_id:?} generation {generation} was released/aborted; refusing use-after-free")]
+    UseAfterFree {
+        /// The sample.
+        sample_id: String,
+        /// The freed generation.
+        generation: u64,
+    },
+
+    /// An object held fewer bytes than its spec says: never hand back an uninitialised tail.
+    #[error("short read for {key}: got {got} of {expected} bytes (object truncated or corrupt)")]
+    ShortRead {
+        /// The object key.
+        key: String,
+        /// Bytes actually read.
+        got: u64,
+        /// Bytes the spec requires.
+        expected: u64,
+    },
+
+    /// Admitting a put would exceed the store's resident-byte budget.
+    #[error(
+        "store {store_id} over budget: put of {requested} bytes with {resident} bytes resident exceeds max_resident_bytes={budget}; the consumer is behind (release or ack samples, or raise the budget)"
+    )]
+    OverBudget {
+        /// The store.
+        store_id: String,
+        /// Bytes the put needs.
+        requested: u64,
+        /// Bytes resident (and reserved) when it was refused.
+        resident: u64,
+        /// The budget.
+        budget: u64,
+    },
+
+    /// A missing or wrong shared secret.
+    #[error("{context}: auth required and token missing/mismatched (check FERRY_AUTH_TOKEN / DISAGG_AUTH_TOKEN)")]
+    AuthFailed {
+        /// Where it was checked.
+        context: String,
+    },
+
+    /// A backend operation failed (other than a clean not-found or short read).
+    #[error("{backend} backend: {operation} {key}: {message}")]
+    Backend {
+        /// Backend name (`memory`, `shared_dir`, ...).
+        backend: String,
+        /// Operation (`write`, `read`, `remove`, ...).
+        operation: String,
+        /// Object or sample key.
+        key: String,
+        /// The cause.
+        message: String,
+    },
+
+    /// An I/O error, with the path or action that caused it.
+    #[error("{context}: {message} ({kind:?})")]
+    Io {
+        /// Path or action.
+        context: String,
+        /// The OS error kind.
+        kind: std::io::ErrorKind,
+        /// The OS message.
+        message: String,
+    },
+
+    /// A file or frame that is malformed: truncated, bad header, wrong sizes.
+    #[error("corrupt {what}: {message}")]
+    Corrupt {
+        /// What was being read.
+        what: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// A bounded drain gave up with removals still pending; their bookkeeping is kept.
+    #[error("{}", DrainIncompleteDisplay(self))]
+    DrainIncomplete {
+        /// The store.
+        store_id: String,
+        /// Samples still pending removal.
+        pending: usize,
+        /// Attempts made.
+        attempts: u32,
+        /// Up to 16 of the pending sample ids.
+        sample_ids: Vec<String>,
+        /// The last removal errors seen.
+        last_errors: Vec<String>,
+    },
+
+    /// A wait ran past its deadline.
+    #[error("timed out after {waited_ms} ms waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+}
+
+struct DrainIncompleteDisplay<'a>(&'a Error);
+
+impl fmt::Display for DrainIncompleteDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Error::DrainIncomplete { store_id, pending, attempts, sample_ids, last_errors } = self.0 {
+            write!(
+                f,
+                "store {store_id} could not drain {pending} pending removal(s) after {attempts} attempts: {}",
+                sample_ids.join(", ")
+            )?;
+            if !last_errors.is_empty() {
+                write!(f, "; last errors=[{}]", last_errors.join("; "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    /// An I/O error with the path or action that caused it.
+    pub fn io(context: impl Into<String>, err: &std::io::Error) -> Self {
+        Error::Io { context: context.into(), kind: err.kind(), message: err.to_string() }
+    }
+
+    /// `true` for the errors SpecForge raises as `KeyError`: the sample or object is not there
+    /// (not found, stale ref, use-after-free, short read).
+    pub fn is_not_available(&self) -> bool {
+        matches!(
+            self,
+            Error::NotFound { .. } | Error::StaleRef { .. } | Error::UseAfterFree { .. } | Error::ShortRead { .. }
+        )
+    }
+}
