@@ -9,16 +9,13 @@
 use crate::args::{BenchStoreArgs, StoreKind};
 use crate::measure::{self, best_per_iter, fmt_gbps, gbps};
 use anyhow::{Context, Result};
-use ferry_core::{AlignedBuf, DType, JsonMap, TensorView};
-use ferry_store::{FeatureStore, StoreOptions, open_store};
-use std::hint::black_box;
+use ferry_store::bench::RoundTrip;
+use ferry_store::{StoreOptions, open_store};
 use std::io::Write;
 use std::time::Duration;
 
 /// The ratio the issue asks for at 64 MiB.
 const GOAL_RATIO: f64 = 0.8;
-/// One sample id for every iteration: consume-once frees it, so the next put reuses its buffer.
-const SAMPLE_ID: &str = "bench:0";
 
 /// What `ferry bench store` will do.
 #[derive(Debug)]
@@ -34,39 +31,6 @@ impl Plan {
     pub(crate) fn from_args(args: BenchStoreArgs) -> Result<Plan> {
         let size = usize::try_from(args.size_mib << 20).context("--size-mib does not fit in memory addressing")?;
         Ok(Plan { size_mib: args.size_mib, size, iters: args.iters, store: args.store })
-    }
-}
-
-/// The source, staging and destination buffers, all warm. Staging is an [`AlignedBuf`] (what
-/// the store's pool hands out), so the baseline differs from the store only in what the store
-/// adds.
-struct Buffers {
-    src: Vec<u8>,
-    staging: AlignedBuf,
-    dst: Vec<u8>,
-    shape: [u64; 2],
-}
-
-impl Buffers {
-    fn new(size: usize) -> Buffers {
-        let mut staging = AlignedBuf::zeroed(size);
-        staging.fill(2);
-        Buffers { src: vec![1; size], staging, dst: vec![3; size], shape: [1, size as u64 / 2] }
-    }
-
-    fn memcpy_2x(&mut self) {
-        self.staging.copy_from_slice(black_box(&self.src));
-        self.dst.copy_from_slice(black_box(&self.staging));
-        black_box(&mut self.dst);
-    }
-
-    fn round_trip(&mut self, store: &FeatureStore) -> Result<()> {
-        let view = TensorView::new(DType::BFloat16, &self.shape, &self.src)?;
-        let r = store.put(SAMPLE_ID, &[("hidden_state", view)], JsonMap::new()).context("put")?;
-        let handle = store.get_into(&r, &mut [("hidden_state", &mut self.dst[..])]).context("get_into")?;
-        store.release(&handle).context("release")?;
-        black_box(&mut self.dst);
-        Ok(())
     }
 }
 
@@ -89,12 +53,12 @@ pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
         plan.iters,
         measure::RUNS
     )?;
-    let mut bufs = Buffers::new(plan.size);
+    let mut bufs = RoundTrip::new(plan.size);
     let memcpy = best_per_iter(plan.iters, || {
         bufs.memcpy_2x();
         Ok(())
     })?;
-    let round_trip = best_per_iter(plan.iters, || bufs.round_trip(&store))?;
+    let round_trip = best_per_iter(plan.iters, || bufs.round_trip(&store).context("store round trip"))?;
     let health = store.health();
     anyhow::ensure!(health.resident_bytes == 0, "consume-once left {} bytes resident", health.resident_bytes);
 

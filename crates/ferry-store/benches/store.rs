@@ -3,7 +3,7 @@
 //!
 //! * `memcpy_2x/<size>`: the floor. Two plain copies into warm buffers (src -> staging for
 //!   "in", staging -> dst for "out"), because a store round trip is one copy per direction.
-//! * `store_round_trip/<size>`: `put` from a borrowed [`TensorView`], `get_into` a pre-allocated
+//! * `store_round_trip/<size>`: `put` from a borrowed `TensorView`, `get_into` a pre-allocated
 //!   caller buffer, `release` (consume-once frees the sample, so the next `put` of the same id
 //!   reuses the backend's pooled, already-faulted buffer).
 //!
@@ -13,61 +13,17 @@
 //! Under `cargo test --benches` every benchmark runs once and the ratio pass is a smoke run.
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use ferry_core::{AlignedBuf, DType, JsonMap, TensorView};
+use ferry_store::bench::RoundTrip;
 use ferry_store::{FeatureStore, StoreOptions, open_store};
-use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 /// Sample sizes measured: a small control record-sized sample and an EAGLE3 Qwen3-8B-sized one.
 const SIZES: [usize; 2] = [4 << 10, 64 << 20];
 /// Runs of the self-contained ratio measurement; the best (fastest) run counts.
 const RUNS: usize = 5;
-/// One sample id for every iteration: consume-once frees it, so the next put reuses its buffer.
-const SAMPLE_ID: &str = "bench:0";
 
 fn label(size: usize) -> String {
     if size >= 1 << 20 { format!("{} MiB", size >> 20) } else { format!("{} KiB", size >> 10) }
-}
-
-/// Warm bytes: every page written (non-zero, so no zero page is shared), so no first-touch fault
-/// is timed.
-fn filled(size: usize, seed: u8) -> Vec<u8> {
-    vec![seed; size]
-}
-
-/// The source, staging and destination buffers of one size, all warm. The staging buffer is an
-/// [`AlignedBuf`], the memory the store's pool hands out (for large sizes an anonymous mapping
-/// advised for huge pages), so the baseline differs from the store only in what the store adds.
-struct Buffers {
-    src: Vec<u8>,
-    staging: AlignedBuf,
-    dst: Vec<u8>,
-    /// bf16 elements in `src`: the tensor is `(1, size / 2)` bfloat16, like a hidden state.
-    shape: [u64; 2],
-}
-
-impl Buffers {
-    fn new(size: usize) -> Self {
-        let mut staging = AlignedBuf::zeroed(size);
-        staging.fill(2);
-        Buffers { src: filled(size, 1), staging, dst: filled(size, 3), shape: [1, size as u64 / 2] }
-    }
-
-    /// One copy in (src -> staging) and one out (staging -> dst).
-    fn memcpy_2x(&mut self) {
-        self.staging.copy_from_slice(black_box(&self.src));
-        self.dst.copy_from_slice(black_box(&self.staging));
-        black_box(&mut self.dst);
-    }
-
-    /// `put` + `get_into` + `release` of one sample.
-    fn round_trip(&mut self, store: &FeatureStore) {
-        let view = TensorView::new(DType::BFloat16, &self.shape, &self.src).expect("shape matches bytes");
-        let r = store.put(SAMPLE_ID, &[("hidden_state", view)], JsonMap::new()).expect("put");
-        let handle = store.get_into(&r, &mut [("hidden_state", &mut self.dst[..])]).expect("get_into");
-        store.release(&handle).expect("release");
-        black_box(&mut self.dst);
-    }
 }
 
 fn bench_store() -> FeatureStore {
@@ -93,7 +49,7 @@ fn memcpy_group(c: &mut Criterion) {
         let mut group = c.benchmark_group("memcpy_2x");
         configure(&mut group, size);
         group.throughput(Throughput::Bytes(size as u64));
-        let mut bufs = Buffers::new(size);
+        let mut bufs = RoundTrip::new(size);
         group.bench_function(BenchmarkId::from_parameter(label(size)), |b| b.iter(|| bufs.memcpy_2x()));
         group.finish();
     }
@@ -105,8 +61,10 @@ fn store_group(c: &mut Criterion) {
         configure(&mut group, size);
         group.throughput(Throughput::Bytes(size as u64));
         let store = bench_store();
-        let mut bufs = Buffers::new(size);
-        group.bench_function(BenchmarkId::from_parameter(label(size)), |b| b.iter(|| bufs.round_trip(&store)));
+        let mut bufs = RoundTrip::new(size);
+        group.bench_function(BenchmarkId::from_parameter(label(size)), |b| {
+            b.iter(|| bufs.round_trip(&store).expect("store round trip"))
+        });
         group.finish();
         assert_eq!(store.health().resident_bytes, 0, "consume-once left bytes resident");
     }
@@ -136,10 +94,10 @@ fn ratio_report(smoke: bool) {
     for size in SIZES {
         // About 2 s for the whole pass in a real bench run.
         let iters = if smoke { 1 } else { (1usize << 30).div_ceil(size).clamp(20, 20_000) };
-        let mut bufs = Buffers::new(size);
+        let mut bufs = RoundTrip::new(size);
         let memcpy = best_per_iter(iters, || bufs.memcpy_2x());
         let store = bench_store();
-        let round_trip = best_per_iter(iters, || bufs.round_trip(&store));
+        let round_trip = best_per_iter(iters, || bufs.round_trip(&store).expect("store round trip"));
         assert_eq!(store.health().resident_bytes, 0, "consume-once left bytes resident");
         println!(
             "ratio memcpy_time/store_time for {}: {:.2} (memcpy 2x: {:.2} GB/s, store: {:.2} GB/s; best of {RUNS} x {iters} iterations)",

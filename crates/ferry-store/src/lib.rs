@@ -14,6 +14,7 @@
 //! * [`auth`] — the shared-secret gate.
 //! * [`clock`] — injectable time.
 //! * [`uri`] — store URIs.
+//! * [`bench`] — the reference store-vs-memcpy measurement.
 //! * [`testing`] — a fault-injecting backend for tests.
 //!
 //! # Example
@@ -33,6 +34,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod bench;
 pub mod clock;
 pub mod dir;
 pub mod lifecycle;
