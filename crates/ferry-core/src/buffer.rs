@@ -31,16 +31,17 @@ enum Storage {
 }
 
 impl Storage {
-    fn allocate(capacity: usize) -> Storage {
-        if capacity >= LARGE_BUFFER
-            && let Ok(map) = memmap2::MmapMut::map_anon(capacity)
-        {
+    /// A zeroed buffer, or `None` if the memory cannot be had (never aborts the process: sizes
+    /// can come from untrusted refs).
+    fn allocate(capacity: usize) -> Option<Storage> {
+        if capacity >= LARGE_BUFFER {
+            let map = memmap2::MmapMut::map_anon(capacity).ok()?;
             // Best effort: THP is "madvise" for anonymous memory on common kernels; where it
             // is off this is a no-op.
             let _ = map.advise(memmap2::Advice::HugePage);
-            return Storage::Large(map);
+            return Some(Storage::Large(map));
         }
-        Storage::Small(bytemuck::allocation::zeroed_vec(capacity.div_ceil(BUFFER_ALIGN)))
+        Some(Storage::Small(bytemuck::allocation::zeroed_vec(capacity.div_ceil(BUFFER_ALIGN))))
     }
 
     fn capacity(&self) -> usize {
@@ -73,9 +74,20 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    /// A fresh zeroed buffer of `len` bytes (not pooled).
+    /// A fresh zeroed buffer of `len` bytes (not pooled). Like `Vec`, it calls
+    /// [`std::alloc::handle_alloc_error`] if the memory cannot be had; use
+    /// [`AlignedBuf::try_zeroed`] for sizes from untrusted input.
     pub fn zeroed(len: usize) -> AlignedBuf {
-        AlignedBuf { storage: Some(Storage::allocate(len)), len, pool: None }
+        AlignedBuf::try_zeroed(len).unwrap_or_else(|| {
+            std::alloc::handle_alloc_error(
+                std::alloc::Layout::from_size_align(len, BUFFER_ALIGN).unwrap_or(std::alloc::Layout::new::<Line>()),
+            )
+        })
+    }
+
+    /// A fresh zeroed buffer of `len` bytes, or `None` if the memory cannot be had.
+    pub fn try_zeroed(len: usize) -> Option<AlignedBuf> {
+        Some(AlignedBuf { storage: Some(Storage::allocate(len)?), len, pool: None })
     }
 
     /// A buffer holding a copy of `data` (one copy).
@@ -215,8 +227,14 @@ impl BufferPool {
     }
 
     /// A buffer of exactly `len` bytes: an idle one whose capacity fits (at most 25% larger), or
-    /// a fresh one. It returns to this pool when dropped.
+    /// a fresh one. It returns to this pool when dropped. Aborts like `Vec` if memory cannot be
+    /// had; see [`BufferPool::try_take`].
     pub fn take(&self, len: usize) -> AlignedBuf {
+        self.try_take(len).unwrap_or_else(|| AlignedBuf::zeroed(len))
+    }
+
+    /// [`BufferPool::take`], or `None` if a fresh buffer is needed and the memory cannot be had.
+    pub fn try_take(&self, len: usize) -> Option<AlignedBuf> {
         let recycled = self.shared.state.lock().ok().and_then(|mut state| {
             let limit = len + len / 4 + BUFFER_ALIGN;
             let cap = state.free.range(len..=limit).map(|(cap, _)| *cap).next();
@@ -238,8 +256,11 @@ impl BufferPool {
             }
             found
         });
-        let storage = recycled.unwrap_or_else(|| Storage::allocate(len));
-        AlignedBuf { storage: Some(storage), len, pool: Some(Arc::downgrade(&self.shared)) }
+        let storage = match recycled {
+            Some(storage) => storage,
+            None => Storage::allocate(len)?,
+        };
+        Some(AlignedBuf { storage: Some(storage), len, pool: Some(Arc::downgrade(&self.shared)) })
     }
 
     /// Counters.
@@ -291,6 +312,12 @@ mod tests {
         drop(tiny);
         pool.clear();
         assert_eq!(pool.stats().pooled_bytes, 0);
+    }
+
+    #[test]
+    fn impossible_sizes_fail_without_aborting() {
+        assert!(AlignedBuf::try_zeroed(usize::MAX / 2).is_none());
+        assert!(BufferPool::new(0).try_take(usize::MAX / 2).is_none());
     }
 
     #[test]

@@ -107,25 +107,39 @@ impl FeatureSpec {
         DType::parse(&self.dtype)
     }
 
-    /// Number of elements (1 for a 0-dim scalar).
-    pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+    /// Number of elements (1 for a 0-dim scalar), or `None` if it overflows `u64` (a shape
+    /// from an untrusted ref must never panic or wrap).
+    pub fn numel(&self) -> Option<u64> {
+        checked_numel(&self.shape)
     }
 
-    /// Exact byte size of the contiguous tensor; fails for an unknown dtype.
+    /// Exact byte size of the contiguous tensor; fails for an unknown dtype or a shape whose
+    /// size overflows.
     pub fn nbytes(&self) -> Result<u64> {
-        Ok(self.numel() * self.dtype()?.size() as u64)
+        let size = self.dtype()?.size() as u64;
+        self.numel().and_then(|n| n.checked_mul(size)).ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "feature {:?} has shape {:?}, whose byte size overflows 64 bits",
+                self.name, self.shape
+            ))
+        })
     }
 
-    /// SpecForge's `estimate_bytes` term: unknown dtypes count 4 bytes per element.
+    /// SpecForge's `estimate_bytes` term: unknown dtypes count 4 bytes per element; saturates
+    /// instead of overflowing.
     pub fn estimated_bytes(&self) -> u64 {
-        self.numel() * DType::estimate_size(&self.dtype) as u64
+        self.numel().unwrap_or(u64::MAX).saturating_mul(DType::estimate_size(&self.dtype) as u64)
     }
+}
+
+/// The element count of `shape`, or `None` on overflow.
+pub fn checked_numel(shape: &[u64]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d))
 }
 
 /// SpecForge's `FeatureStore.estimate_bytes(specs)`.
 pub fn estimate_bytes<'a>(specs: impl IntoIterator<Item = &'a FeatureSpec>) -> u64 {
-    specs.into_iter().map(FeatureSpec::estimated_bytes).sum()
+    specs.into_iter().map(FeatureSpec::estimated_bytes).fold(0, u64::saturating_add)
 }
 
 /// A pointer to one sample's features. Metadata only: no tensors.
@@ -267,7 +281,18 @@ mod tests {
     #[test]
     fn scalar_spec_has_one_element() {
         let spec = FeatureSpec::new("s", vec![], DType::Int64);
-        assert_eq!(spec.numel(), 1);
+        assert_eq!(spec.numel(), Some(1));
         assert_eq!(spec.nbytes(), Ok(8));
+    }
+
+    #[test]
+    fn overflowing_shapes_are_errors_not_panics() {
+        let huge = FeatureSpec::new("h", vec![1 << 40, 1 << 40], DType::BFloat16);
+        assert_eq!(huge.numel(), None);
+        assert!(huge.nbytes().unwrap_err().to_string().contains("overflows 64 bits"));
+        assert_eq!(huge.estimated_bytes(), u64::MAX);
+        let near = FeatureSpec::new("n", vec![1 << 62, 2], DType::BFloat16); // numel fits, bytes do not
+        assert!(near.nbytes().is_err());
+        assert_eq!(estimate_bytes([&huge, &near]), u64::MAX);
     }
 }

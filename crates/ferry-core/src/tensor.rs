@@ -4,12 +4,15 @@
 
 use crate::{AlignedBuf, DType, Element, Error, FeatureSpec, Result};
 
-fn expected_len(dtype: DType, shape: &[u64]) -> u64 {
-    shape.iter().product::<u64>() * dtype.size() as u64
+/// Byte length of a contiguous tensor, or `None` if it overflows.
+fn expected_len(dtype: DType, shape: &[u64]) -> Option<u64> {
+    crate::contracts::checked_numel(shape)?.checked_mul(dtype.size() as u64)
 }
 
 fn check_len(what: &str, dtype: DType, shape: &[u64], len: usize) -> Result<()> {
-    let want = expected_len(dtype, shape);
+    let Some(want) = expected_len(dtype, shape) else {
+        return Err(Error::InvalidArgument(format!("{what}: shape {shape:?} of {dtype} overflows 64 bits")));
+    };
     if want != len as u64 {
         return Err(Error::InvalidArgument(format!(
             "{what}: {len} bytes do not match shape {shape:?} of {dtype} ({want} bytes)"
@@ -78,8 +81,8 @@ impl TensorBuf {
     /// A zeroed tensor for `spec` (fails on an unknown dtype).
     pub fn zeroed_for(spec: &FeatureSpec) -> Result<Self> {
         let dtype = spec.dtype()?;
-        let len = usize::try_from(expected_len(dtype, &spec.shape))
-            .map_err(|_| Error::InvalidArgument(format!("feature {} is too large", spec.name)))?;
+        let len = usize::try_from(spec.nbytes()?)
+            .map_err(|_| Error::InvalidArgument(format!("feature {} is too large for this host", spec.name)))?;
         TensorBuf::new(dtype, spec.shape.clone(), AlignedBuf::zeroed(len))
     }
 

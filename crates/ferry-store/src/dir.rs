@@ -182,8 +182,8 @@ fn read_full_at(file: &File, dst: &mut [u8], mut offset: u64) -> std::io::Result
 /// A shared POSIX directory of sample files.
 pub struct SharedDirBackend {
     root: PathBuf,
-    /// Whether this process has seeded the generation file from the files on disk.
-    seeded: Mutex<bool>,
+    /// Store ids whose generation mark this process has seeded from the files on disk.
+    seeded: Mutex<std::collections::HashSet<StoreId>>,
 }
 
 impl SharedDirBackend {
@@ -191,7 +191,7 @@ impl SharedDirBackend {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| Error::io(format!("creating store root {}", root.display()), &e))?;
-        Ok(SharedDirBackend { root, seeded: Mutex::new(false) })
+        Ok(SharedDirBackend { root, seeded: Mutex::new(std::collections::HashSet::new()) })
     }
 
     /// The root directory.
@@ -348,13 +348,20 @@ impl ByteBackend for SharedDirBackend {
         file.read_to_string(&mut text).map_err(|e| self.io_err("read", path.display(), &e))?;
         let mut high = text.trim().parse::<u64>().ok();
         let mut seeded = self.seeded.lock().map_err(|_| Error::InvalidArgument("generation lock poisoned".into()))?;
-        if high.is_none() || !*seeded {
-            // First use in this process, or an unreadable mark: trust the files on disk too.
+        if high.is_none() || !seeded.contains(store_id) {
+            // First use of this store in this process, or an unreadable mark: trust the files
+            // on disk too.
             let on_disk = self.scan(store_id)?.into_iter().map(|(_, g, _, _)| g.get()).max().unwrap_or(0);
             high = Some(high.unwrap_or(0).max(on_disk));
-            *seeded = true;
+            seeded.insert(store_id.clone());
         }
-        let generation = proposed.get().max(high.unwrap_or(0) + 1);
+        let next = high.unwrap_or(0).checked_add(1).ok_or_else(|| Error::Backend {
+            backend: "shared_dir".into(),
+            operation: "reserve generation".into(),
+            key: path.display().to_string(),
+            message: "the store has reached the largest generation (u64::MAX); a file or the mark is corrupt".into(),
+        })?;
+        let generation = proposed.get().max(next);
         file.set_len(0).map_err(|e| self.io_err("truncate", path.display(), &e))?;
         file.seek(SeekFrom::Start(0)).map_err(|e| self.io_err("seek", path.display(), &e))?;
         file.write_all(format!("{generation}\n").as_bytes()).map_err(|e| self.io_err("write", path.display(), &e))?;

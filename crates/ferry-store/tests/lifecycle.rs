@@ -218,6 +218,7 @@ for_each_backend!(
     every_backend_builds_the_same_ref_for_the_same_input,
     drain_never_probes_before_its_final_attempt,
     dump_tap_writes_each_put_and_a_failing_dump_does_not_undo_it,
+    forged_huge_shapes_are_errors_not_panics_or_giant_allocations,
 );
 
 fn put_returns_a_tensor_free_ref_with_specs_and_generation(kind: Kind) {
@@ -904,4 +905,20 @@ fn dump_tap_writes_each_put_and_a_failing_dump_does_not_undo_it(kind: Kind) {
     let r = put(&broken, "s1", 2);
     let handle = get_ok(&broken.store, &r, 2);
     broken.store.release(&handle).unwrap();
+}
+
+fn forged_huge_shapes_are_errors_not_panics_or_giant_allocations(kind: Kind) {
+    let h = Harness::new(kind);
+    let r = put(&h, "s0", 1);
+    for shape in [vec![1u64 << 40, 1 << 40], vec![1 << 62, 4], vec![1 << 44]] {
+        let mut forged = r.clone();
+        forged.feature_specs.get_mut("hidden_state").unwrap().shape = shape.clone();
+        let err = h.store.get(&forged, Some(&["hidden_state"])).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{shape:?}: {err}");
+        let mut small = [0u8; 8];
+        assert!(h.store.get_into(&forged, &mut [("hidden_state", &mut small[..])]).is_err());
+    }
+    assert_eq!(h.store.health().active_leases, 0);
+    let handle = get_ok(&h.store, &r, 1);
+    h.store.release(&handle).unwrap();
 }

@@ -33,7 +33,7 @@ impl Reservation<'_> {
         let bytes = std::mem::take(&mut self.bytes);
         let mut s = self.budget.lock();
         s.reserved -= bytes;
-        s.resident += bytes;
+        s.resident = s.resident.saturating_add(bytes);
     }
 }
 
@@ -65,11 +65,12 @@ impl Budget {
     pub(crate) fn admit(&self, store_id: &str, bytes: u64, deadline: Option<Instant>) -> Result<Reservation<'_>> {
         let mut s = self.lock();
         if let Some(cap) = self.cap {
-            let over = |s: &BudgetState| s.resident + s.reserved + bytes > cap;
+            // Saturating: adopted refs can claim any size; a sum must never wrap or panic.
+            let over = |s: &BudgetState| s.resident.saturating_add(s.reserved).saturating_add(bytes) > cap;
             let refuse = |s: &BudgetState| Error::OverBudget {
                 store_id: store_id.to_owned(),
                 requested: bytes,
-                resident: s.resident + s.reserved,
+                resident: s.resident.saturating_add(s.reserved),
                 budget: cap,
             };
             if bytes > cap {
@@ -90,7 +91,8 @@ impl Budget {
 
     /// Counts bytes that became resident without admission (adopted samples).
     pub(crate) fn add_resident(&self, bytes: u64) {
-        self.lock().resident += bytes;
+        let mut s = self.lock();
+        s.resident = s.resident.saturating_add(bytes);
     }
 
     /// Returns freed bytes to the budget and wakes waiting puts.

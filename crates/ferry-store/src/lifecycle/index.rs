@@ -125,8 +125,10 @@ impl Index {
             let mut shard = self.lock(sample_id);
             let Some(entry) = shard.get_mut(sample_id) else { return };
             match entry.freed.get_mut(&generation) {
-                Some(t) => *t = Tomb::Settled,
-                None => return,
+                // Only the first settlement enters the eviction queue (a gc and a drain may
+                // retry the same removal concurrently).
+                Some(t) if *t == Tomb::Removing => *t = Tomb::Settled,
+                _ => return,
             }
         }
         let evicted: Vec<_> = {

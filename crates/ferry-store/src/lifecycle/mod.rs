@@ -267,6 +267,7 @@ impl FeatureStore {
         self.inner.backend.write(key, &objects)?; // on error the reservation is returned
         let names: Vec<String> = tensors.iter().map(|(n, _)| (*n).to_owned()).collect();
         let mut jobs = Vec::new();
+        let mut counted_twice = 0;
         {
             let mut shard = self.inner.index.lock(&sid);
             let entry = shard.entry(sid.clone()).or_default();
@@ -276,19 +277,34 @@ impl FeatureStore {
                 // first: it stays live, and ours is superseded at once.
                 entry.freed.insert(generation, index::Tomb::Removing);
                 jobs.push(FreeJob { sample_id: sid.clone(), generation, names, accounted: nbytes });
+            } else if entry.freed.contains_key(&generation) {
+                // An abort found our objects in the backend while we wrote and freed them: the
+                // abort wins. Its removal accounted nothing, so ours (idempotent) returns the
+                // bytes just committed.
+                jobs.push(FreeJob { sample_id: sid.clone(), generation, names, accounted: nbytes });
+            } else if let Some(live) = entry.live.as_mut().filter(|l| l.generation == generation) {
+                // A get of the latest generation (or an adopt) registered ours before this
+                // commit: it is ours, not a superseded generation.
+                counted_twice = std::mem::replace(&mut live.accounted, nbytes);
+                live.origin = Origin::Put;
+                live.names = names;
             } else {
                 jobs.extend(FreeJob::take_live(&sid, entry)); // the superseded generation
                 entry.live =
                     Some(Live { generation, names, accounted: nbytes, since: self.now(), origin: Origin::Put });
             }
         }
+        self.inner.budget.release(counted_twice);
         for job in jobs {
             self.run_free(job, false);
         }
         if let Some(dir) = &self.inner.options.dump_dir {
-            let path = dir.join(format!("{sid}.safetensors"));
-            if let Err(e) = crate::dir::write_safetensors_atomically(&path, key, &objects) {
-                tracing::warn!(path = %path.display(), error = %e, "feature dump failed; the put stands");
+            // The sample id must be one path component: `..` or `/` must not escape `dir`.
+            let dumped = crate::dir::validate_path_component("sample id", sid.as_str()).and_then(|()| {
+                crate::dir::write_safetensors_atomically(&dir.join(format!("{sid}.safetensors")), key, &objects)
+            });
+            if let Err(e) = dumped {
+                tracing::warn!(dir = %dir.display(), sample = %sid, error = %e, "feature dump failed; the put stands");
             }
         }
         Ok(self.build_ref(sid, generation, specs, nbytes, metadata))
@@ -348,7 +364,13 @@ impl FeatureStore {
             let spec = spec_of(r, name)?;
             let len = usize::try_from(spec.nbytes()?)
                 .map_err(|_| Error::InvalidArgument(format!("feature {name} too large")))?;
-            bufs.push((spec, self.inner.output_pool.take(len)));
+            let buf = self.inner.output_pool.try_take(len).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "cannot allocate {len} bytes for feature {name:?} of sample {} (shape {:?}); the ref's spec is wrong or memory is exhausted",
+                    r.sample_id, spec.shape
+                ))
+            })?;
+            bufs.push((spec, buf));
         }
         let handle = {
             let mut items = Vec::with_capacity(wanted.len());
