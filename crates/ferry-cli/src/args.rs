@@ -29,12 +29,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
-    /// Read and validate ferry / SpecForge control-plane files.
-    Inspect {
-        /// What to read.
-        #[command(subcommand)]
-        what: InspectCommand,
-    },
+    /// Show a tensor file's tensors (`.ckpt`, `.ckpt.gz`, `.safetensors`), or validate and
+    /// summarise SampleRefs (a JSONL ref channel or a manifest).
+    Inspect(InspectArgs),
+    /// Copy offline feature files into a store and publish SpecForge's manifest and sentinels.
+    Ingest(IngestArgs),
 }
 
 /// Which store backend to use.
@@ -102,24 +101,55 @@ pub(crate) struct BenchStoreArgs {
     pub(crate) store: StoreKind,
 }
 
-/// `ferry inspect ...`.
-#[derive(Debug, Subcommand)]
-pub(crate) enum InspectCommand {
-    /// SampleRef JSON lines (a ref channel, an inbox) or a ref manifest.
-    Ref(InspectRefArgs),
-}
-
-/// `ferry inspect ref`.
+/// `ferry inspect`.
 #[derive(Debug, Args)]
-pub(crate) struct InspectRefArgs {
-    /// JSONL file of SampleRefs or a manifest (`{"schema_version": .., "refs": [..]}`); `-` reads
-    /// stdin.
-    #[arg(value_name = "FILE|-")]
+pub(crate) struct InspectArgs {
+    /// A tensor file (`.ckpt`, `.ckpt.gz`, `.safetensors`), a JSONL file of SampleRefs or a
+    /// manifest (`{"schema_version": .., "refs": [..]}`); `-` reads refs from stdin.
+    #[arg(value_name = "PATH|-")]
     pub(crate) file: PathBuf,
-    /// Re-emit each ref as normalized JSON, one per line, instead of a summary.
+    /// Machine-readable output. For a tensor file: one JSON object mapping each tensor name to
+    /// `{"dtype", "shape", "nbytes", "sha256"}`. For refs: each ref re-serialized, one per line.
     #[arg(long)]
     pub(crate) json: bool,
-    /// With --json: Python's default spacing (manifests, the ledger) instead of compact (channels).
+    /// With --json on refs: Python's default spacing (manifests, the ledger) instead of compact.
     #[arg(long, requires = "json")]
     pub(crate) spaced: bool,
+}
+
+/// `ferry ingest`.
+#[derive(Debug, Args)]
+pub(crate) struct IngestArgs {
+    /// A feature file or a directory of them (searched recursively, in lexicographic order).
+    #[arg(value_name = "PATH")]
+    pub(crate) input: PathBuf,
+    /// The store to copy into, e.g. `dir:///mnt/shared/features` (append `?format=safetensors`
+    /// to write safetensors instead of PyTorch zip).
+    #[arg(long, value_name = "URI")]
+    pub(crate) store: String,
+    /// Where to write the manifest; its sentinels (`.producer_claim`, `.done`, `.failed`) go
+    /// beside it.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) manifest: PathBuf,
+    /// Store id (namespace inside the store); default: the run id.
+    #[arg(long)]
+    pub(crate) store_id: Option<String>,
+    /// Draft strategy; chooses the raw keys each file must hold.
+    #[arg(long, default_value = "eagle3")]
+    pub(crate) strategy: String,
+    /// Run id; sample ids are `<run id>:<8-digit file index>`.
+    #[arg(long, default_value = "disagg")]
+    pub(crate) run_id: String,
+    /// `metadata.ttt_length` of every ref.
+    #[arg(long, default_value_t = 7)]
+    pub(crate) ttt_length: i64,
+    /// `metadata.max_len` of every ref.
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) max_len: i64,
+    /// Ingest only the first N files.
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// Worker threads (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub(crate) workers: Option<u16>,
 }

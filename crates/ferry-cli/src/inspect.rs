@@ -15,7 +15,7 @@
 //! SpecForge writes it (compact as in channels, or `--spaced` as in manifests and the ledger),
 //! one per line. A compact line SpecForge wrote comes back byte for byte.
 
-use crate::args::InspectRefArgs;
+use crate::args::InspectArgs;
 use crate::measure::fmt_bytes;
 use anyhow::{Context, Result, anyhow, bail};
 use ferry_core::contracts::estimate_bytes;
@@ -36,7 +36,7 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// Builds the plan (clap already checked that `--spaced` comes with `--json`).
-    pub(crate) fn from_args(args: InspectRefArgs) -> Plan {
+    pub(crate) fn from_args(args: InspectArgs) -> Plan {
         let file = (args.file.as_os_str() != "-").then_some(args.file);
         let json = args.json.then_some(if args.spaced { JsonStyle::Spaced } else { JsonStyle::Compact });
         Plan { file, json }
@@ -67,6 +67,9 @@ impl std::fmt::Display for Origin {
 
 /// Runs the command, writing to `out`.
 pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
+    if let Some(path) = plan.file.as_deref().filter(|p| is_tensor_file(p)) {
+        return inspect_tensor_file(path, plan.json.is_some(), out);
+    }
     let source = plan.source_name();
     let bytes = read_input(plan).with_context(|| format!("reading {source}"))?;
     let (refs, manifest_version) = match as_manifest(&bytes) {
@@ -209,6 +212,52 @@ fn summary(r: &SampleRef) -> String {
         r.strategy,
         features.join(", ")
     )
+}
+
+/// Whether `path` names a tensor file rather than refs.
+fn is_tensor_file(path: &std::path::Path) -> bool {
+    let name = path.to_string_lossy();
+    [".ckpt", ".gz", ".safetensors"].iter().any(|ext| name.ends_with(ext))
+}
+
+/// `ferry inspect FILE`: every tensor's dtype, shape and size (and with `--json` the SHA-256 of
+/// its contiguous little-endian bytes), in the file's order.
+fn inspect_tensor_file(path: &std::path::Path, json: bool, out: &mut dyn Write) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let file = ferry_format::TensorFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut entries = serde_json::Map::new();
+    let mut total = 0u64;
+    let mut rows = Vec::new();
+    for name in file.names() {
+        let tensor = file.tensor(name).with_context(|| format!("{}: tensor {name:?}", path.display()))?;
+        let view = tensor.view();
+        total += view.nbytes();
+        if json {
+            let digest = Sha256::digest(view.bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            entries.insert(
+                name.to_owned(),
+                serde_json::json!({"dtype": view.dtype().name(), "shape": view.shape(), "nbytes": view.nbytes(), "sha256": hex}),
+            );
+        } else {
+            let storage = if tensor.is_borrowed() { "mapped" } else { "copied (strided or compressed)" };
+            rows.push(format!(
+                "  {name:<24} {:<9} {:<20} {:>12}  {storage}",
+                view.dtype().name(),
+                format!("{:?}", view.shape()),
+                fmt_bytes(view.nbytes())
+            ));
+        }
+    }
+    if json {
+        writeln!(out, "{}", json::to_string(&Value::Object(entries), JsonStyle::Spaced)?)?;
+        return Ok(());
+    }
+    writeln!(out, "{}: {} tensors, {}", path.display(), file.len(), fmt_bytes(total))?;
+    for row in rows {
+        writeln!(out, "{row}")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

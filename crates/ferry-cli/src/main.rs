@@ -9,7 +9,9 @@
 //! * [`args`]: the command line.
 //! * [`demo`]: `ferry demo`, synthetic EAGLE3 samples through each store, verified and timed.
 //! * [`bench`]: `ferry bench store`, a store round trip against memcpy.
-//! * [`inspect`]: `ferry inspect ref`, SampleRef JSON lines and manifests.
+//! * [`inspect`]: `ferry inspect`, tensor files, SampleRef JSON lines and manifests.
+//! * [`ingest`]: `ferry ingest`, offline feature files into a store with a manifest.
+//! * [`strategy`]: which raw keys each draft strategy's offline files hold.
 //! * [`sample`]: synthetic EAGLE3-shaped samples.
 //! * [`measure`]: timing helpers and the memcpy reference.
 //! * [`table`]: plain-text tables.
@@ -23,13 +25,15 @@
 mod args;
 mod bench;
 mod demo;
+mod ingest;
 mod inspect;
 mod measure;
 mod sample;
+mod strategy;
 mod table;
 
 use anyhow::Result;
-use args::{BenchCommand, Cli, Command, InspectCommand};
+use args::{BenchCommand, Cli, Command};
 use clap::Parser;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -57,7 +61,8 @@ fn run(command: Command, out: &mut dyn Write) -> Result<()> {
     match command {
         Command::Demo(a) => demo::run(&demo::Plan::from_args(a)?, out),
         Command::Bench { what: BenchCommand::Store(a) } => bench::run(&bench::Plan::from_args(a)?, out),
-        Command::Inspect { what: InspectCommand::Ref(a) } => inspect::run(&inspect::Plan::from_args(a), out),
+        Command::Inspect(a) => inspect::run(&inspect::Plan::from_args(a), out),
+        Command::Ingest(a) => ingest::run(&ingest::Plan::from_args(a)?, out),
     }
 }
 

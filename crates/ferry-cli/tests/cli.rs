@@ -96,7 +96,7 @@ fn bench_store_reports_the_ratio() {
 #[test]
 fn inspect_channel_summarises_four_refs_and_warns_about_the_torn_tail() {
     let path = fixture("refs.jsonl");
-    let (stdout, stderr) = success(&["inspect", "ref", path.to_str().expect("UTF-8 path")]);
+    let (stdout, stderr) = success(&["inspect", path.to_str().expect("UTF-8 path")]);
     let summaries: Vec<&str> = stdout.lines().filter(|l| l.starts_with("line ")).collect();
     assert_eq!(summaries.len(), 4, "{stdout}");
     assert!(
@@ -112,7 +112,7 @@ fn inspect_channel_summarises_four_refs_and_warns_about_the_torn_tail() {
 #[test]
 fn inspect_json_reproduces_each_complete_channel_line_byte_for_byte() {
     let path = fixture("refs.jsonl");
-    let (stdout, _) = success(&["inspect", "ref", "--json", path.to_str().expect("UTF-8 path")]);
+    let (stdout, _) = success(&["inspect", "--json", path.to_str().expect("UTF-8 path")]);
     let expected = complete_lines(&path);
     assert_eq!(expected.len(), 4);
     let got: Vec<&str> = stdout.lines().collect();
@@ -122,14 +122,14 @@ fn inspect_json_reproduces_each_complete_channel_line_byte_for_byte() {
 #[test]
 fn inspect_manifest_spaced_reproduces_each_ref() {
     let path = fixture("manifest.json");
-    let (stdout, _) = success(&["inspect", "ref", "--json", "--spaced", path.to_str().expect("UTF-8 path")]);
+    let (stdout, _) = success(&["inspect", "--json", "--spaced", path.to_str().expect("UTF-8 path")]);
     let manifest = std::fs::read_to_string(&path).expect("fixture is readable");
     // SpecForge writes json.dumps({"schema_version": 1, "refs": [...]}): rebuild it from our lines.
     let rebuilt = format!("{{\"schema_version\": 1, \"refs\": [{}]}}", stdout.lines().collect::<Vec<_>>().join(", "));
     assert_eq!(rebuilt, manifest.trim_end());
     assert!(stdout.lines().count() >= 2);
 
-    let (summary, _) = success(&["inspect", "ref", path.to_str().expect("UTF-8 path")]);
+    let (summary, _) = success(&["inspect", path.to_str().expect("UTF-8 path")]);
     assert!(summary.contains("in manifest (schema_version 1)"), "{summary}");
     assert!(summary.lines().any(|l| l.starts_with("refs[0]: ")), "{summary}");
 }
@@ -138,12 +138,12 @@ fn inspect_manifest_spaced_reproduces_each_ref() {
 fn inspect_reads_stdin_and_converts_spacing() {
     let path = fixture("refs.jsonl");
     let first = complete_lines(&path).remove(0);
-    let out = ferry_with_stdin(&["inspect", "ref", "--json", "--spaced", "-"], format!("\n{first}\n").as_bytes());
+    let out = ferry_with_stdin(&["inspect", "--json", "--spaced", "-"], format!("\n{first}\n").as_bytes());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let spaced = text(&out.stdout);
     assert!(spaced.starts_with(r#"{"sample_id": "run0:task0", "run_id": "run0", "#), "{spaced}");
     // And back: spaced input, compact output, equal to the original line.
-    let out = ferry_with_stdin(&["inspect", "ref", "--json", "-"], spaced.as_bytes());
+    let out = ferry_with_stdin(&["inspect", "--json", "-"], spaced.as_bytes());
     assert_eq!(text(&out.stdout), format!("{first}\n"));
 }
 
@@ -155,7 +155,7 @@ fn inspect_rejects_an_unknown_key_naming_it_and_the_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("bad.jsonl");
     std::fs::write(&file, format!("{}\n{bad}\n", lines[0])).expect("write");
-    let out = ferry(&["inspect", "ref", file.to_str().expect("UTF-8 path")]);
+    let out = ferry(&["inspect", file.to_str().expect("UTF-8 path")]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("line 2"), "{stderr}");
@@ -165,7 +165,7 @@ fn inspect_rejects_an_unknown_key_naming_it_and_the_line() {
 
 #[test]
 fn inspect_of_a_missing_file_fails_with_its_name() {
-    let out = ferry(&["inspect", "ref", "/nonexistent/refs.jsonl"]);
+    let out = ferry(&["inspect", "/nonexistent/refs.jsonl"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("/nonexistent/refs.jsonl"), "{stderr}");
@@ -173,6 +173,75 @@ fn inspect_of_a_missing_file_fails_with_its_name() {
 
 #[test]
 fn spaced_without_json_is_a_usage_error() {
-    let out = ferry(&["inspect", "ref", "--spaced", "x"]);
+    let out = ferry(&["inspect", "--spaced", "x"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A path under the fixtures root (the folder above `specforge-control`).
+fn any_fixture(rel: &str) -> PathBuf {
+    Path::new(FIXTURES).parent().expect("fixtures root").join(rel)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn inspect_tensor_file_json_matches_the_expected_twin() {
+    for rel in [
+        "specforge-offline-eagle3/rows_0-2/data_0.ckpt",
+        "specforge-offline-eagle3/rows_2-4/data_2.ckpt.gz",
+        "torch-zip-edge/strided_view.ckpt",
+    ] {
+        let path = any_fixture(rel);
+        let (stdout, _) = success(&["inspect", "--json", path.to_str().expect("UTF-8 path")]);
+        let value: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+        let twin = ferry_format::TensorFile::open(&any_fixture(&format!("expected/{rel}.safetensors"))).expect("twin");
+        let object = value.as_object().expect("an object");
+        assert_eq!(object.len(), twin.len(), "{rel}");
+        for (name, entry) in object {
+            let want = twin.tensor(name).expect("tensor in twin");
+            let view = want.view();
+            assert_eq!(entry["dtype"], view.dtype().name(), "{rel} {name}");
+            assert_eq!(entry["shape"], serde_json::json!(view.shape()), "{rel} {name}");
+            assert_eq!(entry["nbytes"], view.nbytes(), "{rel} {name}");
+            assert_eq!(entry["sha256"], sha256_hex(view.bytes()), "{rel} {name}");
+        }
+    }
+    let (summary, _) = success(&["inspect", any_fixture("torch-zip-edge/dtypes.ckpt").to_str().expect("UTF-8 path")]);
+    assert!(summary.contains("bfloat16") && summary.contains("tensors"), "{summary}");
+}
+
+#[test]
+fn ingest_publishes_a_manifest_that_inspect_reads() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let store = format!("dir://{}", root.path().join("store").display());
+    let manifest = root.path().join("control/manifest.json");
+    let input = any_fixture("specforge-offline-eagle3");
+    let args =
+        ["ingest", input.to_str().expect("UTF-8"), "--store", &store, "--manifest", manifest.to_str().expect("UTF-8")];
+    let (stdout, _) = success(&args);
+    assert!(stdout.contains("ingested 4 files"), "{stdout}");
+    assert!(PathBuf::from(format!("{}.done", manifest.display())).exists());
+    let (listing, _) = success(&["inspect", manifest.to_str().expect("UTF-8")]);
+    assert!(listing.contains("disagg:00000003") && listing.contains("4 refs"), "{listing}");
+    let again = ferry(&args);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains("existing attempt"), "{}", text(&again.stderr));
+    let mem =
+        ferry(&["ingest", input.to_str().expect("UTF-8"), "--store", "mem://x", "--manifest", "/tmp/unused.json"]);
+    assert_eq!(mem.status.code(), Some(1));
+    assert!(text(&mem.stderr).contains("use dir://"), "{}", text(&mem.stderr));
+    let bad = ferry(&[
+        "ingest",
+        input.to_str().expect("UTF-8"),
+        "--store",
+        &store,
+        "--manifest",
+        "/tmp/x.json",
+        "--strategy",
+        "nope",
+    ]);
+    assert!(text(&bad.stderr).contains("nope"), "{}", text(&bad.stderr));
 }

@@ -4,44 +4,72 @@
 //! Layout (SpecForge's `SharedDirFeatureStore` naming):
 //!
 //! ```text
-//! <root>/<store_id>/<sample_id>.g<generation>.safetensors   a sample generation (ferry writes)
-//! <root>/<store_id>/<sample_id>.g<generation>.ckpt          a sample generation (SpecForge writes; PyTorch zip)
+//! <root>/<store_id>/<sample_id>.g<generation>.ckpt          PyTorch zip (torch.save format): ferry's default, and SpecForge's
+//! <root>/<store_id>/<sample_id>.g<generation>.safetensors   safetensors, when the backend is set to write it
 //! <root>/<store_id>/<final name>.<32 hex>.tmp               a write in progress, renamed over the final name
 //! <root>/<store_id>/.ferry-generation                       store-wide generation high-water mark (flock'd)
 //! ```
 //!
-//! ferry writes safetensors (the reference layout, readable by every framework) rather than
-//! PyTorch zip archives; SpecForge's `.ckpt` files are recognised by name, and reading them needs
-//! the PyTorch zip reader (issue 3). Until then a `.ckpt` sample gets an error that says so.
+//! ferry writes PyTorch zip by default so that a SpecForge consumer (`SharedDirFeatureStore`,
+//! `torch.load(..., weights_only=True)`) reads what a ferry producer wrote; safetensors is the
+//! choice for ferry-only deployments that want a format every framework reads. Both are read,
+//! whichever wrote them, through `ferry_format::TensorFile` (a read-only mapping).
 //!
 //! Generations: SpecForge derives a sample's next generation from the files on disk
 //! (`max + 1`), which reuses generation 1 once a consumed sample's file is gone, so a stale ref
 //! could alias new bytes. ferry keeps a store-wide high-water mark in `.ferry-generation`,
-//! updated under an exclusive `flock`, seeded once per process from the largest generation on
-//! disk: generations are monotonic across every process that shares the directory.
+//! updated under an exclusive `flock`, seeded once per process and store from the largest
+//! generation on disk: generations are monotonic across every process sharing the directory.
 //!
 //! Copies: `write` streams each tensor from the caller's buffer into the file (one copy, into the
-//! page cache); `read_into` reads with `pread` straight into the caller's buffer (one copy). No
-//! fsync: a crash loses only samples that were never acknowledged, which the producer re-creates.
+//! page cache); `read_many` maps the file and copies each tensor once into the caller's buffer.
+//! No fsync: a crash loses only samples that were never acknowledged, which the producer
+//! re-creates.
 
 use crate::backend::{BackendUsage, ByteBackend, ObjectData, ObjectKey, Removal, SampleKey};
-use ferry_core::{DType, Error, Generation, Result, SampleId, StoreId};
-use std::borrow::Cow;
-use std::fs::{self, File, OpenOptions};
+use ferry_core::{Error, Generation, Result, SampleId, StoreId};
+use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Extension of files ferry writes.
+/// Extension of safetensors sample files.
 pub const SAFETENSORS_EXT: &str = "safetensors";
-/// Extension of files SpecForge writes (PyTorch zip).
+/// Extension of PyTorch zip sample files (what SpecForge writes and reads).
 pub const CKPT_EXT: &str = "ckpt";
+
+/// The file format a shared-directory backend writes (it reads both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirFormat {
+    /// PyTorch zip (`.ckpt`), readable by SpecForge's Python consumers. The default.
+    #[default]
+    TorchZip,
+    /// safetensors (`.safetensors`).
+    Safetensors,
+}
+
+impl DirFormat {
+    /// The file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            DirFormat::TorchZip => CKPT_EXT,
+            DirFormat::Safetensors => SAFETENSORS_EXT,
+        }
+    }
+
+    /// Parses `ckpt` / `torch` or `safetensors`.
+    pub fn parse(s: &str) -> Result<DirFormat> {
+        match s {
+            "ckpt" | "torch" | "torch_zip" => Ok(DirFormat::TorchZip),
+            "safetensors" => Ok(DirFormat::Safetensors),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown shared-directory format {other:?}: use ckpt (PyTorch zip, the default) or safetensors"
+            ))),
+        }
+    }
+}
 /// Name of the generation high-water-mark file.
 pub const GENERATION_FILE: &str = ".ferry-generation";
-/// Largest safetensors header accepted (the reference library's own limit): a corrupt length
-/// must not make us allocate gigabytes.
-pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Longest file name most POSIX file systems accept.
 const MAX_FILE_NAME: usize = 255;
 
@@ -77,111 +105,20 @@ pub fn parse_sample_file_name(name: &str) -> Option<(&str, Generation, &str)> {
     Some((sid, Generation::new(digits.parse().ok()?), ext))
 }
 
-fn st_dtype(dtype: DType) -> safetensors::Dtype {
-    use safetensors::Dtype as S;
-    match dtype {
-        DType::Float32 => S::F32,
-        DType::Float64 => S::F64,
-        DType::Float16 => S::F16,
-        DType::BFloat16 => S::BF16,
-        DType::Int64 => S::I64,
-        DType::Int32 => S::I32,
-        DType::Int16 => S::I16,
-        DType::Int8 => S::I8,
-        DType::UInt8 => S::U8,
-        DType::Bool => S::BOOL,
+/// Writes one sample generation's objects to `path` in `format` (temp file + rename inside
+/// `ferry_format`), so readers never see a partial file.
+pub fn write_sample_file(path: &Path, format: DirFormat, objects: &[ObjectData<'_>]) -> Result<()> {
+    let tensors: Vec<(&str, ferry_core::TensorView<'_>)> = objects.iter().map(|o| (o.name, o.tensor)).collect();
+    match format {
+        DirFormat::TorchZip => ferry_format::write_torch_zip(path, &tensors),
+        DirFormat::Safetensors => ferry_format::write_safetensors(path, &tensors),
     }
-}
-
-/// Writes one sample generation as a safetensors file at `path`: to `<path>.<32 hex>.tmp`
-/// first, then renamed over `path`, so readers never see a partial file.
-pub fn write_safetensors_atomically(path: &Path, sample: SampleKey<'_>, objects: &[ObjectData<'_>]) -> Result<()> {
-    let tmp = PathBuf::from(format!("{}.{}.tmp", path.display(), uuid::Uuid::new_v4().simple()));
-    let backend_err = |op: &str, key: &Path, message: String| Error::Backend {
-        backend: "shared_dir".into(),
-        operation: op.into(),
-        key: key.display().to_string(),
-        message,
-    };
-    let views: Vec<StView<'_>> =
-        objects.iter().map(|o| StView(o.tensor, o.tensor.shape().iter().map(|d| *d as usize).collect())).collect();
-    let info = std::collections::HashMap::from([
-        ("format".to_owned(), "ferry".to_owned()),
-        ("sample_id".to_owned(), sample.sample_id.to_string()),
-        ("generation".to_owned(), sample.generation.to_string()),
-    ]);
-    let result = safetensors::serialize_to_file(objects.iter().map(|o| o.name).zip(views.iter()), Some(info), &tmp)
-        .map_err(|e| backend_err("write", &tmp, e.to_string()))
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| backend_err("rename", path, e.to_string())));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// A tensor as the safetensors writer sees it: borrowed bytes, no copy.
-struct StView<'a>(ferry_core::TensorView<'a>, Vec<usize>);
-
-impl safetensors::View for &StView<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        st_dtype(self.0.dtype())
-    }
-    fn shape(&self) -> &[usize] {
-        &self.1
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.0.bytes())
-    }
-    fn data_len(&self) -> usize {
-        self.0.bytes().len()
-    }
-}
-
-/// A parsed safetensors header: where each tensor's bytes start in the file.
-struct Header {
-    meta: safetensors::tensor::Metadata,
-    /// File offset of the data section.
-    data_start: u64,
-}
-
-impl Header {
-    fn read(file: &mut File, path: &Path) -> Result<Header> {
-        let corrupt =
-            |message: String| Error::Corrupt { what: format!("safetensors file {}", path.display()), message };
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len).map_err(|e| corrupt(format!("cannot read the 8-byte header length: {e}")))?;
-        let n = u64::from_le_bytes(len);
-        if n > MAX_HEADER_BYTES {
-            return Err(corrupt(format!("header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(|e| corrupt(format!("header of {n} bytes is truncated: {e}")))?;
-        let meta: safetensors::tensor::Metadata =
-            serde_json::from_slice(&header).map_err(|e| corrupt(format!("invalid header: {e}")))?;
-        Ok(Header { meta, data_start: 8 + n })
-    }
-}
-
-/// Reads into `dst` at `offset` until it is full or the file ends; returns the bytes read.
-fn read_full_at(file: &File, dst: &mut [u8], mut offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < dst.len() {
-        match file.read_at(&mut dst[done..], offset) {
-            Ok(0) => break, // truncated: the core reports a short read
-            Ok(n) => {
-                done += n;
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// A shared POSIX directory of sample files.
 pub struct SharedDirBackend {
     root: PathBuf,
+    format: DirFormat,
     /// Store ids whose generation mark this process has seeded from the files on disk.
     seeded: Mutex<std::collections::HashSet<StoreId>>,
 }
@@ -191,7 +128,22 @@ impl SharedDirBackend {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| Error::io(format!("creating store root {}", root.display()), &e))?;
-        Ok(SharedDirBackend { root, seeded: Mutex::new(std::collections::HashSet::new()) })
+        Ok(SharedDirBackend {
+            root,
+            format: DirFormat::default(),
+            seeded: Mutex::new(std::collections::HashSet::new()),
+        })
+    }
+
+    /// The same backend, writing `format`.
+    pub fn with_format(mut self, format: DirFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The format this backend writes.
+    pub fn format(&self) -> DirFormat {
+        self.format
     }
 
     /// The root directory.
@@ -223,23 +175,26 @@ impl SharedDirBackend {
         }
     }
 
-    /// Opens the sample file; a SpecForge `.ckpt` twin gets an error naming the missing reader.
-    fn open_sample(&self, object: ObjectKey<'_>) -> Result<(File, PathBuf)> {
-        let path = self.sample_path(object.sample, SAFETENSORS_EXT)?;
-        match File::open(&path) {
-            Ok(f) => Ok((f, path)),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                let ckpt = self.sample_path(object.sample, CKPT_EXT)?;
-                if ckpt.exists() {
-                    return Err(Error::Corrupt {
-                        what: format!("sample file {}", ckpt.display()),
-                        message: "SpecForge writes PyTorch zip (.ckpt) sample files; reading them needs ferry's PyTorch reader, which this build does not have yet".into(),
-                    });
-                }
-                Err(Error::NotFound { what: format!("object {object}") })
+    /// The existing file of a sample generation (either format), if any.
+    fn find_sample(&self, sample: SampleKey<'_>) -> Result<Option<PathBuf>> {
+        for ext in [self.format.extension(), CKPT_EXT, SAFETENSORS_EXT] {
+            let path = self.sample_path(sample, ext)?;
+            if path.exists() {
+                return Ok(Some(path));
             }
-            Err(e) => Err(self.io_err("open", path.display(), &e)),
         }
+        Ok(None)
+    }
+
+    /// Opens a sample generation's file; a missing file is `NotFound`.
+    fn open_sample(&self, sample: SampleKey<'_>) -> Result<ferry_format::TensorFile> {
+        let path =
+            self.find_sample(sample)?.ok_or_else(|| Error::NotFound { what: format!("sample file {sample}") })?;
+        ferry_format::TensorFile::open(&path).map_err(|e| match e {
+            // Removed between the check and the open: the same as missing.
+            Error::Io { kind: ErrorKind::NotFound, .. } => Error::NotFound { what: format!("sample file {sample}") },
+            other => other,
+        })
     }
 
     /// Every sample file in the store directory: (sample id, generation, path, size).
@@ -267,7 +222,7 @@ impl ByteBackend for SharedDirBackend {
 
     fn write(&self, sample: SampleKey<'_>, objects: &[ObjectData<'_>]) -> Result<()> {
         self.store_dir(sample.store_id)?;
-        write_safetensors_atomically(&self.sample_path(sample, SAFETENSORS_EXT)?, sample, objects)
+        write_sample_file(&self.sample_path(sample, self.format.extension())?, self.format, objects)
     }
 
     fn read_into(&self, object: ObjectKey<'_>, dst: &mut [u8]) -> Result<usize> {
@@ -276,28 +231,31 @@ impl ByteBackend for SharedDirBackend {
     }
 
     fn read_many(&self, sample: SampleKey<'_>, reads: &mut [(&str, &mut [u8])]) -> Result<Vec<usize>> {
-        let Some((first, _)) = reads.first() else { return Ok(Vec::new()) };
-        let (mut file, path) = self.open_sample(sample.object(first))?;
-        let header = Header::read(&mut file, &path)?;
+        if reads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let file = self.open_sample(sample)?;
         let mut counts = Vec::with_capacity(reads.len());
         for (name, dst) in reads.iter_mut() {
             let object = sample.object(name);
-            let info = header.meta.info(name).ok_or_else(|| Error::NotFound { what: format!("object {object}") })?;
-            let (start, end) = info.data_offsets;
-            let len = end - start;
-            if len > dst.len() {
+            let tensor = match file.tensor(name) {
+                Ok(t) => t,
+                Err(Error::NotFound { .. }) => return Err(Error::NotFound { what: format!("object {object}") }),
+                Err(e) => return Err(e),
+            };
+            let src = tensor.view().bytes();
+            if src.len() > dst.len() {
                 return Err(Error::Corrupt {
                     what: format!("object {object}"),
                     message: format!(
-                        "holds {len} bytes but its spec needs {}; the ref does not describe this file",
+                        "holds {} bytes but its spec needs {}; the ref does not describe this file",
+                        src.len(),
                         dst.len()
                     ),
                 });
             }
-            counts.push(
-                read_full_at(&file, &mut dst[..len], header.data_start + start as u64)
-                    .map_err(|e| self.io_err("read", path.display(), &e))?,
-            );
+            dst[..src.len()].copy_from_slice(src);
+            counts.push(src.len());
         }
         Ok(counts)
     }
@@ -319,13 +277,16 @@ impl ByteBackend for SharedDirBackend {
     }
 
     fn size(&self, object: ObjectKey<'_>) -> Result<Option<u64>> {
-        let (mut file, path) = match self.open_sample(object) {
+        let file = match self.open_sample(object.sample) {
             Ok(f) => f,
             Err(Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let header = Header::read(&mut file, &path)?;
-        Ok(header.meta.info(object.name).map(|i| (i.data_offsets.1 - i.data_offsets.0) as u64))
+        match file.spec(object.name) {
+            Ok(spec) => Ok(Some(spec.nbytes()?)),
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn reserve_generation(
@@ -374,13 +335,11 @@ impl ByteBackend for SharedDirBackend {
     }
 
     fn object_names(&self, sample: SampleKey<'_>) -> Result<Option<Vec<String>>> {
-        let path = self.sample_path(sample, SAFETENSORS_EXT)?;
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io_err("open", path.display(), &e)),
-        };
-        Ok(Some(Header::read(&mut file, &path)?.meta.offset_keys()))
+        match self.open_sample(sample) {
+            Ok(file) => Ok(Some(file.names().map(str::to_owned).collect())),
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn ref_uri(&self, store_id: &StoreId, sample_id: &SampleId, _generation: Generation) -> String {

@@ -9,6 +9,7 @@
 //! # Layout
 //! * [`lifecycle`] — [`FeatureStore`], the lifecycle core (see its module doc for the rules).
 //! * [`backend`] — the [`ByteBackend`] trait and object keys.
+//! * [`offline`] — `file://` refs for offline feature files (lazy or validated).
 //! * [`mem`] — the in-memory backend (`mem://`), with pooled buffers.
 //! * [`dir`] — the shared-directory backend (`dir://<root>`), SpecForge's file naming.
 //! * [`auth`] — the shared-secret gate.
@@ -39,6 +40,7 @@ pub mod clock;
 pub mod dir;
 pub mod lifecycle;
 pub mod mem;
+pub mod offline;
 pub mod testing;
 pub mod uri;
 

@@ -3,7 +3,7 @@
 //! `ferry+unix://` (the node daemon) and `mooncake://` are reserved for the backends that
 //! later issues add; naming one today is an error that says so.
 
-use crate::dir::SharedDirBackend;
+use crate::dir::{DirFormat, SharedDirBackend};
 use crate::lifecycle::{FeatureStore, StoreOptions};
 use crate::mem::MemoryBackend;
 use ferry_core::{Error, Result, StoreId};
@@ -17,10 +17,12 @@ pub enum StoreUri {
         /// Store id from the URI, if given.
         store_id: Option<StoreId>,
     },
-    /// `dir://<root>` (absolute or relative path).
+    /// `dir://<root>[?format=ckpt|safetensors]` (absolute or relative path).
     SharedDir {
         /// The root directory.
         root: PathBuf,
+        /// The format new samples are written in (both are read).
+        format: DirFormat,
     },
 }
 
@@ -38,7 +40,21 @@ impl StoreUri {
             "dir" if rest.is_empty() => Err(Error::InvalidArgument(
                 "dir:// needs a root directory: use dir://<root>, or mem:// for this process's memory".into(),
             )),
-            "dir" => Ok(StoreUri::SharedDir { root: PathBuf::from(rest) }),
+            "dir" => {
+                let (root, query) = rest.split_once('?').unwrap_or((rest, ""));
+                let mut format = DirFormat::default();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    match pair.split_once('=') {
+                        Some(("format", value)) => format = DirFormat::parse(value)?,
+                        _ => {
+                            return Err(Error::InvalidArgument(format!(
+                                "unknown dir:// option {pair:?} in {uri:?}; the only option is format=ckpt|safetensors"
+                            )));
+                        }
+                    }
+                }
+                Ok(StoreUri::SharedDir { root: PathBuf::from(root), format })
+            }
             "file" | "ferry" | "ferry+unix" | "mooncake" => Err(Error::InvalidArgument(format!(
                 "store URI scheme {scheme}:// is not available in this build yet; use mem:// or dir://<root>"
             ))),
@@ -58,7 +74,9 @@ pub fn open_store(uri: &str, mut options: StoreOptions) -> Result<FeatureStore> 
             }
             FeatureStore::open(MemoryBackend::default(), options)
         }
-        StoreUri::SharedDir { root } => FeatureStore::open(SharedDirBackend::new(root)?, options),
+        StoreUri::SharedDir { root, format } => {
+            FeatureStore::open(SharedDirBackend::new(root)?.with_format(format), options)
+        }
     }
 }
 
@@ -70,7 +88,15 @@ mod tests {
     fn uris_parse_or_say_what_to_use() {
         assert_eq!(StoreUri::parse("mem://abc").unwrap(), StoreUri::Memory { store_id: Some(StoreId::new("abc")) });
         assert_eq!(StoreUri::parse("mem://").unwrap(), StoreUri::Memory { store_id: None });
-        assert_eq!(StoreUri::parse("dir:///tmp/x").unwrap(), StoreUri::SharedDir { root: "/tmp/x".into() });
+        assert_eq!(
+            StoreUri::parse("dir:///tmp/x").unwrap(),
+            StoreUri::SharedDir { root: "/tmp/x".into(), format: DirFormat::TorchZip }
+        );
+        assert_eq!(
+            StoreUri::parse("dir:///tmp/x?format=safetensors").unwrap(),
+            StoreUri::SharedDir { root: "/tmp/x".into(), format: DirFormat::Safetensors }
+        );
+        assert!(StoreUri::parse("dir:///tmp/x?fmt=ckpt").unwrap_err().to_string().contains("format=ckpt|safetensors"));
         for bad in ["dir://", "s3://b", "nope", "mooncake://x"] {
             let err = StoreUri::parse(bad).unwrap_err().to_string();
             assert!(err.contains("mem://"), "{bad}: {err}");

@@ -148,7 +148,7 @@ fn open_dir(root: &Path, store_id: &str) -> FeatureStore {
 
 fn sample_file(root: &Path, store_id: &str, r: &SampleRef) -> PathBuf {
     let generation = r.generation().expect("ref has a generation");
-    root.join(store_id).join(format!("{}.g{generation}.safetensors", r.sample_id))
+    root.join(store_id).join(format!("{}.g{generation}.ckpt", r.sample_id))
 }
 
 /// Files in the store directory other than the generation mark.

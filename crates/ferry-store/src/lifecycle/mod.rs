@@ -40,6 +40,7 @@ use ferry_core::{
 use index::{FreeJob, Index, Live, Origin};
 use indexmap::IndexMap;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,7 +69,8 @@ pub struct StoreOptions {
     pub output_pool_bytes: u64,
     /// Tombstones of settled frees remembered (bounded memory; see `DESIGN.md`).
     pub max_tombstones: usize,
-    /// Debug tap: every successful put is also written to `<dump_dir>/<sample_id>.safetensors`.
+    /// Debug tap: every successful put is also written to `<dump_dir>/<sample_id>.ckpt` (PyTorch
+    /// zip, as SpecForge's dump tap writes).
     /// A dump failure is logged, never raised: the store is authoritative.
     pub dump_dir: Option<std::path::PathBuf>,
 }
@@ -301,7 +303,8 @@ impl FeatureStore {
         if let Some(dir) = &self.inner.options.dump_dir {
             // The sample id must be one path component: `..` or `/` must not escape `dir`.
             let dumped = crate::dir::validate_path_component("sample id", sid.as_str()).and_then(|()| {
-                crate::dir::write_safetensors_atomically(&dir.join(format!("{sid}.safetensors")), key, &objects)
+                let path = dir.join(format!("{sid}.ckpt"));
+                crate::dir::write_sample_file(&path, crate::dir::DirFormat::TorchZip, &objects)
             });
             if let Err(e) = dumped {
                 tracing::warn!(dir = %dir.display(), sample = %sid, error = %e, "feature dump failed; the put stands");
@@ -355,13 +358,14 @@ impl FeatureStore {
     /// Reads a sample's features (all of `ref.feature_keys`, or `names`) into fresh aligned
     /// buffers (recycled from this store's output pool), and takes a read lease.
     pub fn get(&self, r: &SampleRef, names: Option<&[&str]>) -> Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
+        let specs = self.specs_for(r)?;
         let wanted: Vec<&str> = match names {
             Some(n) => n.to_vec(),
             None => r.feature_keys.keys().map(String::as_str).collect(),
         };
         let mut bufs = Vec::with_capacity(wanted.len());
         for name in &wanted {
-            let spec = spec_of(r, name)?;
+            let spec = spec_of(&specs, r, name)?;
             let len = usize::try_from(spec.nbytes()?)
                 .map_err(|_| Error::InvalidArgument(format!("feature {name} too large")))?;
             let buf = self.inner.output_pool.try_take(len).ok_or_else(|| {
@@ -377,7 +381,7 @@ impl FeatureStore {
             for (name, (_, buf)) in wanted.iter().zip(bufs.iter_mut()) {
                 items.push(ReadItem { object: object_name(key_of(r, name)?), dst: buf.as_mut_slice() });
             }
-            self.read_leased(r, &mut items)?
+            self.read(r, &mut items)?
         };
         let mut out = IndexMap::with_capacity(wanted.len());
         for (name, (spec, buf)) in wanted.iter().zip(bufs) {
@@ -389,9 +393,10 @@ impl FeatureStore {
     /// Reads the named features straight into the caller's buffers (no intermediate copy) and
     /// takes a read lease. Each buffer must be exactly the feature's byte size.
     pub fn get_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
+        let specs = self.specs_for(r)?;
         let mut items = Vec::with_capacity(dsts.len());
         for (name, dst) in dsts.iter_mut() {
-            let need = spec_of(r, name)?.nbytes()?;
+            let need = spec_of(&specs, r, name)?.nbytes()?;
             if dst.len() as u64 != need {
                 return Err(Error::InvalidArgument(format!(
                     "get_into: buffer for feature {name:?} of sample {} is {} bytes; its spec needs {need}",
@@ -401,7 +406,57 @@ impl FeatureStore {
             }
             items.push(ReadItem { object: object_name(key_of(r, name)?), dst });
         }
-        self.read_leased(r, &mut items)
+        self.read(r, &mut items)
+    }
+
+    /// The ref's specs, or a lazy `file://` ref's specs read from its file's header.
+    fn specs_for<'r>(&self, r: &'r SampleRef) -> Result<Cow<'r, IndexMap<String, FeatureSpec>>> {
+        if r.feature_specs.is_empty() && is_file_ref(r) {
+            return Ok(Cow::Owned(crate::offline::file_ref_specs(r)?));
+        }
+        Ok(Cow::Borrowed(&r.feature_specs))
+    }
+
+    /// Reads the items: from an offline file for `file://` refs, else through the lifecycle.
+    fn read(&self, r: &SampleRef, items: &mut [ReadItem<'_>]) -> Result<FeatureHandle> {
+        if is_file_ref(r) { self.read_file_ref(r, items) } else { self.read_leased(r, items) }
+    }
+
+    /// Reads a `file://` ref (read-only offline data): one copy from the mapped (or, for `.gz`,
+    /// decompressed) file into each buffer. Nothing is tracked: release is a no-op, so the files
+    /// stay for later epochs.
+    fn read_file_ref(&self, r: &SampleRef, items: &mut [ReadItem<'_>]) -> Result<FeatureHandle> {
+        self.check_auth("get")?;
+        let path = crate::offline::file_ref_path(r)?;
+        let file = ferry_format::TensorFile::open(&path)?;
+        for item in items.iter_mut() {
+            let tensor = file.tensor(item.object)?;
+            let src = tensor.view().bytes();
+            if src.len() < item.dst.len() {
+                return Err(Error::ShortRead {
+                    key: format!("{}:{}", path.display(), item.object),
+                    got: src.len() as u64,
+                    expected: item.dst.len() as u64,
+                });
+            }
+            if src.len() > item.dst.len() {
+                return Err(Error::Corrupt {
+                    what: format!("{}:{}", path.display(), item.object),
+                    message: format!(
+                        "holds {} bytes but the ref's spec needs {}; the ref does not describe this file",
+                        src.len(),
+                        item.dst.len()
+                    ),
+                });
+            }
+            item.dst.copy_from_slice(src);
+        }
+        let n = self.inner.stats.lease_counter.fetch_add(1, Ordering::Relaxed);
+        Ok(FeatureHandle {
+            sample_id: r.sample_id.clone(),
+            generation: Generation::UNTRACKED,
+            lease_token: LeaseToken::new(format!("{}:0:{n}", r.sample_id)),
+        })
     }
 
     fn check_ref_is_ours(&self, r: &SampleRef) -> Result<()> {
@@ -793,6 +848,22 @@ impl FeatureStore {
         Ok(discarded)
     }
 
+    // ------------------------------------------------------------------ describe
+
+    /// The specs of a sample's features: the ref's own, or for a lazy offline (`file://`) ref
+    /// whose specs are empty, those of the file (read from its header, not its data). Loaders
+    /// call this to size batch buffers before reading into them with `get_into`.
+    pub fn describe(&self, r: &SampleRef) -> Result<IndexMap<String, FeatureSpec>> {
+        self.check_auth("describe")?;
+        if r.feature_specs.is_empty() && !is_file_ref(r) {
+            return Err(Error::InvalidArgument(format!(
+                "ref for sample {} has no feature specs and is not a file:// ref; nothing describes its tensors",
+                r.sample_id
+            )));
+        }
+        Ok(self.specs_for(r)?.into_owned())
+    }
+
     // ------------------------------------------------------------------ health
 
     /// A snapshot of the store's lifecycle state.
@@ -887,17 +958,21 @@ fn truthy(v: &Value) -> bool {
     }
 }
 
-fn spec_of<'r>(r: &'r SampleRef, name: &str) -> Result<&'r FeatureSpec> {
-    r.feature_specs.get(name).ok_or_else(|| {
+fn spec_of<'s>(specs: &'s IndexMap<String, FeatureSpec>, r: &SampleRef, name: &str) -> Result<&'s FeatureSpec> {
+    specs.get(name).ok_or_else(|| {
         if r.feature_keys.contains_key(name) {
             Error::InvalidArgument(format!(
-                "ref for sample {} has no spec for feature {name:?} (a lazy offline ref); only file:// refs can be read without specs",
+                "ref for sample {} has no spec for feature {name:?}; only file:// refs can be read without specs",
                 r.sample_id
             ))
         } else {
             Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) }
         }
     })
+}
+
+fn is_file_ref(r: &SampleRef) -> bool {
+    r.scheme() == Some("file")
 }
 
 fn key_of<'r>(r: &'r SampleRef, name: &str) -> Result<&'r str> {

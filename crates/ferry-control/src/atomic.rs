@@ -1,0 +1,34 @@
+//! Atomic replacement of small control files: write a temp file beside the target, flush,
+//! fsync, rename over the target. Readers see the old file or the new one, never a partial one.
+
+use ferry_core::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Writes `bytes` to `path` through `tmp` (same directory), with fsync before the rename.
+pub fn write_via(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(tmp)?;
+        file.write_all(bytes)?;
+        file.flush()?;
+        file.sync_all()?;
+        std::fs::rename(tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        Error::io(format!("writing {}", path.display()), &e)
+    })
+}
+
+/// SpecForge's control-file temp name: `<path>.tmp.<pid>`.
+pub fn pid_temp(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.tmp.{}", path.display(), std::process::id()))
+}
+
+/// Writes a control file atomically through `<path>.tmp.<pid>`, creating the parent directory.
+pub fn write_control_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), &e))?;
+    }
+    write_via(path, &pid_temp(path), bytes)
+}

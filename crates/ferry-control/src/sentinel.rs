@@ -1,0 +1,180 @@
+//! The sentinel files of SpecForge's offline disaggregated protocol (`SPECFORGE-RUNTIME.md`
+//! §7.5), beside the manifest:
+//!
+//! ```text
+//! <manifest>.producer_claim   exclusive-create, "pid=<pid>\n", fsynced: one producer per attempt
+//! <manifest>                  the refs (written before .done)
+//! <manifest>.done             producer success
+//! <manifest>.failed           producer failure, "<reason>" (written BEFORE any cleanup)
+//! <manifest>.consumed         consumer (rank 0) success
+//! <manifest>.consumer_failed  consumer failure, "<reason>"
+//! ```
+//!
+//! Existence is the signal; content is the reason. Every write goes through a temp file, fsync
+//! and rename, so a reader never sees a half-written reason.
+
+use crate::atomic::write_control_file;
+use ferry_core::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How often waits re-check the file system (SpecForge's 0.25 s).
+pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
+
+/// The control files of one offline attempt, named after its manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineControl {
+    manifest: PathBuf,
+}
+
+impl OfflineControl {
+    /// The control files beside `manifest`.
+    pub fn new(manifest: impl Into<PathBuf>) -> Self {
+        OfflineControl { manifest: manifest.into() }
+    }
+
+    /// The manifest path.
+    pub fn manifest(&self) -> &Path {
+        &self.manifest
+    }
+
+    fn sidecar(&self, suffix: &str) -> PathBuf {
+        PathBuf::from(format!("{}{suffix}", self.manifest.display()))
+    }
+
+    /// `<manifest>.producer_claim`.
+    pub fn claim_path(&self) -> PathBuf {
+        self.sidecar(".producer_claim")
+    }
+    /// `<manifest>.done`.
+    pub fn done_path(&self) -> PathBuf {
+        self.sidecar(".done")
+    }
+    /// `<manifest>.failed`.
+    pub fn failed_path(&self) -> PathBuf {
+        self.sidecar(".failed")
+    }
+    /// `<manifest>.consumed`.
+    pub fn consumed_path(&self) -> PathBuf {
+        self.sidecar(".consumed")
+    }
+    /// `<manifest>.consumer_failed`.
+    pub fn consumer_failed_path(&self) -> PathBuf {
+        self.sidecar(".consumer_failed")
+    }
+
+    /// Claims the attempt for this producer process. Refused if the manifest or any artifact of
+    /// an earlier attempt exists: a new attempt needs a fresh manifest path.
+    pub fn claim_producer(&self) -> Result<()> {
+        let artifacts = [
+            self.manifest.clone(),
+            self.claim_path(),
+            self.done_path(),
+            self.consumed_path(),
+            self.failed_path(),
+            self.consumer_failed_path(),
+        ];
+        if let Some(existing) = artifacts.iter().find(|p| p.exists()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} holds artifacts from an existing attempt ({} exists); use a fresh manifest path or remove them",
+                self.manifest.display(),
+                existing.display()
+            )));
+        }
+        if let Some(parent) = self.manifest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), &e))?;
+        }
+        let path = self.claim_path();
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::InvalidArgument(format!("{} was claimed by another producer meanwhile", path.display()))
+            } else {
+                Error::io(format!("claiming {}", path.display()), &e)
+            }
+        })?;
+        file.write_all(format!("pid={}\n", std::process::id()).as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io(format!("writing {}", path.display()), &e))
+    }
+
+    /// Producer success (after the manifest is written).
+    pub fn mark_done(&self) -> Result<()> {
+        write_control_file(&self.done_path(), b"")
+    }
+
+    /// Producer failure with its reason.
+    pub fn mark_failed(&self, reason: &str) -> Result<()> {
+        write_control_file(&self.failed_path(), reason.as_bytes())
+    }
+
+    /// Consumer success.
+    pub fn mark_consumed(&self) -> Result<()> {
+        write_control_file(&self.consumed_path(), b"")
+    }
+
+    /// Consumer failure with its reason.
+    pub fn mark_consumer_failed(&self, reason: &str) -> Result<()> {
+        write_control_file(&self.consumer_failed_path(), reason.as_bytes())
+    }
+
+    /// The producer's failure reason, if it failed.
+    pub fn failure(&self) -> Option<String> {
+        read_reason(&self.failed_path())
+    }
+
+    /// The consumer's failure reason, if it failed.
+    pub fn consumer_failure(&self) -> Option<String> {
+        read_reason(&self.consumer_failed_path())
+    }
+
+    /// Waits for the producer's `.done`, failing at once if `.failed` appears, and at
+    /// `deadline` if given (`None` waits without bound, as SpecForge's consumer does).
+    pub fn wait_for_done(&self, deadline: Option<Instant>, poll: Duration) -> Result<()> {
+        wait_for(&self.done_path(), Some(&self.failed_path()), deadline, poll)
+    }
+
+    /// Waits for the consumer's `.consumed`, failing at once on `.consumer_failed`.
+    pub fn wait_for_consumed(&self, deadline: Option<Instant>, poll: Duration) -> Result<()> {
+        wait_for(&self.consumed_path(), Some(&self.consumer_failed_path()), deadline, poll)
+    }
+}
+
+/// A sidecar's reason: its trimmed content, `"unknown remote failure"` when empty, `None` when
+/// the file does not exist.
+pub fn read_reason(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    Some(if text.is_empty() { "unknown remote failure".to_owned() } else { text.to_owned() })
+}
+
+/// Waits until `path` exists. A present `failure` file fails the wait with its reason; past
+/// `deadline` the wait fails with [`Error::Timeout`] naming the path.
+pub fn wait_for(path: &Path, failure: Option<&Path>, deadline: Option<Instant>, poll: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(reason) = failure.and_then(read_reason) {
+            return Err(Error::Backend {
+                backend: "control".into(),
+                operation: "wait".into(),
+                key: path.display().to_string(),
+                message: format!("remote role failed while waiting: {reason}"),
+            });
+        }
+        let now = Instant::now();
+        if let Some(deadline) = deadline {
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: path.display().to_string(),
+                    waited_ms: now.duration_since(start).as_millis() as u64,
+                });
+            }
+            std::thread::sleep(poll.min(deadline - now));
+        } else {
+            std::thread::sleep(poll);
+        }
+    }
+}
