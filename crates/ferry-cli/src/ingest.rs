@@ -4,7 +4,7 @@
 
 use crate::args::IngestArgs;
 use anyhow::{Context, Result, bail};
-use ferry_control::{IngestOptions, OfflineControl, run_offline_producer};
+use ferry_control::{IngestOptions, OfflineControl, ProducerError, run_offline_producer};
 use ferry_store::offline::{OfflineRefOptions, list_feature_files};
 use ferry_store::{StoreOptions, StoreUri, open_store};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -66,6 +66,7 @@ pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
     );
     let done = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
+    // Both the total and each step count on-disk file bytes (what the producer reports).
     let on_progress = |bytes: u64| {
         let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         bar.set_message(format!("{n}/{count} files"));
@@ -73,13 +74,7 @@ pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
     };
     let result = run_offline_producer(&store, &plan.input, &plan.control, &plan.options, &on_progress);
     bar.finish_and_clear();
-    let report = result.with_context(|| {
-        format!(
-            "ingest of {} failed; {} records the reason",
-            plan.input.display(),
-            plan.control.failed_path().display()
-        )
-    })?;
+    let report = result.map_err(|failure| failure_report(plan, failure))?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     writeln!(
         out,
@@ -95,4 +90,25 @@ pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "manifest: {}", plan.control.manifest().display())?;
     writeln!(out, "done:     {}", plan.control.done_path().display())?;
     Ok(())
+}
+
+/// The error `ferry ingest` reports: "`<m>.failed` records the reason" only when this attempt
+/// wrote it, and a `--strategy` hint when the files hold another strategy's keys.
+fn failure_report(plan: &Plan, failure: ProducerError) -> anyhow::Error {
+    let mut message = format!("ingest of {} failed", plan.input.display());
+    if failure.failure_recorded {
+        message.push_str(&format!("; {} records the reason", plan.control.failed_path().display()));
+    }
+    if let ferry_core::Error::MissingFeatureKeys { present, .. } = failure.error.primary() {
+        let current = &plan.options.refs.strategy;
+        let fits = crate::strategy::strategies_holding(present, current);
+        if !fits.is_empty() {
+            let options: Vec<String> = fits.iter().map(|name| format!("--strategy {name}")).collect();
+            message.push_str(&format!(
+                "; the files hold the offline keys of another strategy than {current}: try {}",
+                options.join(" or ")
+            ));
+        }
+    }
+    anyhow::Error::new(failure.error).context(message)
 }

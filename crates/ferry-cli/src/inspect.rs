@@ -214,10 +214,10 @@ fn summary(r: &SampleRef) -> String {
     )
 }
 
-/// Whether `path` names a tensor file rather than refs.
+/// Whether `path` names a tensor file rather than refs: any name ferry-format reads
+/// (`.ckpt`/`.pt`/`.pth`, `.gz`, `.safetensors`), decided by ferry-format itself.
 fn is_tensor_file(path: &std::path::Path) -> bool {
-    let name = path.to_string_lossy();
-    [".ckpt", ".gz", ".safetensors"].iter().any(|ext| name.ends_with(ext))
+    ferry_format::FileFormat::from_name(path).is_ok()
 }
 
 /// `ferry inspect FILE`: every tensor's dtype, shape and size (and with `--json` the SHA-256 of
@@ -278,6 +278,16 @@ mod tests {
         let refs = jsonl_refs(b"{\"a\":1}\n\n  \n{\"b\":2}\n{\"c\"", "t").unwrap();
         let lines: Vec<String> = refs.iter().map(|(o, t)| format!("{o}={t}")).collect();
         assert_eq!(lines, ["line 1={\"a\":1}", "line 4={\"b\":2}"]);
+    }
+
+    #[test]
+    fn tensor_files_are_every_name_ferry_format_reads() {
+        for name in ["a.ckpt", "a.pt", "a.PTH", "a.ckpt.gz", "a.safetensors"] {
+            assert!(is_tensor_file(std::path::Path::new(name)), "{name}");
+        }
+        for name in ["refs.jsonl", "manifest.json", "x.pt.json"] {
+            assert!(!is_tensor_file(std::path::Path::new(name)), "{name}");
+        }
     }
 
     #[test]

@@ -245,3 +245,67 @@ fn ingest_publishes_a_manifest_that_inspect_reads() {
     ]);
     assert!(text(&bad.stderr).contains("nope"), "{}", text(&bad.stderr));
 }
+
+#[test]
+fn inspect_reads_pt_and_pth_files_as_tensor_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = any_fixture("specforge-offline-eagle3/rows_0-2/data_0.ckpt");
+    for name in ["x.pt", "x.pth"] {
+        let path = dir.path().join(name);
+        std::fs::copy(&source, &path).expect("copy");
+        let (stdout, _) = success(&["inspect", "--json", path.to_str().expect("UTF-8 path")]);
+        let value: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+        assert!(value["input_ids"]["sha256"].is_string(), "{name}: {stdout}");
+    }
+}
+
+#[test]
+fn ingest_says_failed_records_the_reason_only_when_this_attempt_wrote_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let store = format!("dir://{}", root.path().join("store").display());
+    let manifest = root.path().join("control/manifest.json");
+    let failed = PathBuf::from(format!("{}.failed", manifest.display()));
+    // A DFlash folder ingested as EAGLE3: the attempt fails, writes .failed, and names the fix.
+    let input = any_fixture("specforge-offline-dflash");
+    let args =
+        ["ingest", input.to_str().expect("UTF-8"), "--store", &store, "--manifest", manifest.to_str().expect("UTF-8")];
+    let out = ferry(&args);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("{} records the reason", failed.display())), "{stderr}");
+    assert!(stderr.contains("missing required offline feature keys ['hidden_state', 'aux_hidden_state']"), "{stderr}");
+    assert!(!stderr.contains("is not available"), "{stderr}");
+    assert!(stderr.contains("--strategy dflash"), "{stderr}");
+    let reason = std::fs::read_to_string(&failed).expect(".failed written");
+    assert!(reason.starts_with("KeyError: "), "{reason}");
+    // A second attempt on the same manifest is refused: the .failed is not its own.
+    let again = ferry(&args);
+    let stderr = text(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("existing attempt"), "{stderr}");
+    assert!(!stderr.contains("records the reason"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&failed).expect(".failed kept"), reason);
+}
+
+#[test]
+fn ingest_of_an_empty_folder_fails_before_claiming() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let input = root.path().join("empty");
+    std::fs::create_dir(&input).expect("mkdir");
+    let store = format!("dir://{}", root.path().join("store").display());
+    let manifest = root.path().join("control/manifest.json");
+    let out = ferry(&[
+        "ingest",
+        input.to_str().expect("UTF-8"),
+        "--store",
+        &store,
+        "--manifest",
+        manifest.to_str().expect("UTF-8"),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(input.to_str().expect("UTF-8")) && stderr.contains(".safetensors"), "{stderr}");
+    assert!(!stderr.contains("records the reason"), "{stderr}");
+    assert!(!PathBuf::from(format!("{}.producer_claim", manifest.display())).exists());
+    assert!(!PathBuf::from(format!("{}.done", manifest.display())).exists());
+}

@@ -8,14 +8,17 @@
 //!
 //! Failure is exact: every successful put is reported to `on_ref` as it happens, so the
 //! producer driver can abort precisely what it published (and nothing else), after writing
-//! `.failed` first, so a consumer is never left waiting, even if the process dies mid-cleanup.
+//! `.failed` first (`"<ExcType>: <message>"`, as SpecForge writes it), so a consumer is never
+//! left waiting, even if the process dies mid-cleanup. If `.failed` cannot be written, cleanup
+//! still runs and the returned error says so.
 
 use crate::manifest::write_ref_manifest;
 use crate::sentinel::OfflineControl;
 use ferry_core::{Error, JsonMap, Result, SampleId, SampleRef, TensorView};
-use ferry_store::offline::{OfflineRefOptions, list_feature_files, offline_sample_id};
+use ferry_store::offline::{FEATURE_FILE_SUFFIXES, OfflineRefOptions, list_feature_files, offline_sample_id};
 use ferry_store::{DrainPolicy, FeatureStore};
 use serde_json::Value;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,19 +54,25 @@ pub struct IngestReport {
     pub bytes: u64,
 }
 
-/// Puts one file's features; returns the ref and the bytes put.
-fn ingest_one(
-    store: &FeatureStore,
-    path: &Path,
-    index: usize,
-    options: &OfflineRefOptions,
-) -> Result<(SampleRef, u64)> {
+/// What one file's ingest did.
+struct Ingested {
+    r: SampleRef,
+    /// Tensor bytes put.
+    tensor_bytes: u64,
+    /// The file's size on disk (the progress unit).
+    file_bytes: u64,
+}
+
+/// Puts one file's features.
+fn ingest_one(store: &FeatureStore, path: &Path, index: usize, options: &OfflineRefOptions) -> Result<Ingested> {
     let file = ferry_format::TensorFile::open(path)?;
-    let missing: Vec<&str> =
-        options.feature_keys.iter().map(String::as_str).filter(|k| file.spec(k).is_err()).collect();
+    let missing: Vec<String> = options.feature_keys.iter().filter(|k| file.spec(k).is_err()).cloned().collect();
     if !missing.is_empty() {
-        return Err(Error::NotFound {
-            what: format!("{} missing required offline feature keys {missing:?}", path.display()),
+        return Err(Error::MissingFeatureKeys {
+            path: path.display().to_string(),
+            sample_id: Some(offline_sample_id(&options.run_id, index)),
+            missing,
+            present: file.names().map(str::to_owned).collect(),
         });
     }
     let tensors =
@@ -82,14 +91,17 @@ fn ingest_one(
     metadata.insert("max_len".into(), Value::from(options.max_len));
     metadata.insert("num_tokens".into(), Value::from(num_tokens));
     metadata.insert("file_index".into(), Value::from(index));
-    let bytes = views.iter().map(|(_, v)| v.nbytes()).sum();
+    let tensor_bytes = views.iter().map(|(_, v)| v.nbytes()).sum();
     let r = store.put(offline_sample_id(&options.run_id, index), &views, metadata)?;
-    Ok((r, bytes))
+    // Progress only: a file that cannot be stat'ed after it was read counts as 0 bytes.
+    let file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+    Ok(Ingested { r, tensor_bytes, file_bytes })
 }
 
 /// Ingests `files` (in order) into `store` on `options.workers` threads. `on_ref` sees every
-/// successful put as it happens (to clean up a partial attempt); `on_progress` gets the bytes of
-/// each finished file. On the first failure the workers stop taking files and the error is
+/// successful put as it happens (to clean up a partial attempt); `on_progress` gets the on-disk
+/// size of each finished file (the unit of a progress total summed from file sizes; for `.gz`
+/// files this is less than the tensor bytes put, which [`IngestReport::bytes`] counts). On the first failure the workers stop taking files and the error is
 /// returned; refs already put stay in the store (see [`run_offline_producer`] for cleanup).
 pub fn ingest_files(
     store: &FeatureStore,
@@ -113,10 +125,10 @@ pub fn ingest_files(
                         let index = next.fetch_add(1, Ordering::SeqCst);
                         let Some(path) = files.get(index) else { break };
                         match ingest_one(store, path, index, &options.refs) {
-                            Ok((r, bytes)) => {
+                            Ok(Ingested { r, tensor_bytes, file_bytes }) => {
                                 on_ref(&r);
-                                on_progress(bytes);
-                                total.fetch_add(bytes as usize, Ordering::Relaxed);
+                                on_progress(file_bytes);
+                                total.fetch_add(tensor_bytes as usize, Ordering::Relaxed);
                                 if let Ok(mut results) = results.lock() {
                                     results[index] = Some(r);
                                 }
@@ -145,46 +157,102 @@ pub fn ingest_files(
     Ok(IngestReport { refs, bytes: total.load(Ordering::Relaxed) as u64 })
 }
 
-/// The offline producer (SpecForge's driver): claim the attempt, ingest every feature file under
-/// `input`, write the manifest, then `.done`. On failure: `.failed` first, then abort exactly the
-/// refs this attempt published and drain; cleanup errors are reported with the primary error and
-/// written into `.failed` too.
+/// Why the offline producer failed, and whether this attempt recorded it in `.failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProducerError {
+    /// The error.
+    pub error: Error,
+    /// `true` when this attempt wrote `<manifest>.failed` (so it holds this failure's reason).
+    /// `false` when the attempt never started (bad input, claim refused: any `.failed` there
+    /// belongs to an earlier attempt) or writing `.failed` failed (then `error` says why).
+    pub failure_recorded: bool,
+}
+
+impl ProducerError {
+    fn not_started(error: Error) -> Self {
+        ProducerError { error, failure_recorded: false }
+    }
+}
+
+impl fmt::Display for ProducerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for ProducerError {}
+
+impl From<ProducerError> for Error {
+    fn from(e: ProducerError) -> Self {
+        e.error
+    }
+}
+
+/// The offline producer (SpecForge's driver): list the feature files under `input` (none is an
+/// error, before anything is claimed), claim the attempt, ingest them, write the manifest, then
+/// `.done`.
+///
+/// On failure: `.failed` first (`"<ExcType>: <message>"`), then abort exactly the refs this
+/// attempt published and drain. If `.failed` cannot be written, or cleanup leaves samples
+/// behind, the error is [`Error::FailureHandling`] naming the primary error and every later one,
+/// and (after cleanup errors) `.failed` is rewritten with that combined reason.
 pub fn run_offline_producer(
     store: &FeatureStore,
     input: &Path,
     control: &OfflineControl,
     options: &IngestOptions,
     on_progress: &(dyn Fn(u64) + Sync),
-) -> Result<IngestReport> {
-    control.claim_producer()?;
+) -> Result<IngestReport, ProducerError> {
+    let files = list_feature_files(input).map_err(ProducerError::not_started)?;
+    if files.is_empty() {
+        return Err(ProducerError::not_started(Error::InvalidArgument(format!(
+            "no feature files under {}: looked for names ending in {}",
+            input.display(),
+            FEATURE_FILE_SUFFIXES.join(", ")
+        ))));
+    }
+    control.claim_producer().map_err(ProducerError::not_started)?;
     let published: Mutex<Vec<SampleId>> = Mutex::new(Vec::new());
     let track = |r: &SampleRef| published.lock().unwrap_or_else(|p| p.into_inner()).push(r.sample_id.clone());
-    let result = list_feature_files(input)
-        .and_then(|files| ingest_files(store, &files, options, &track, on_progress))
-        .and_then(|report| {
-            write_ref_manifest(&report.refs, control.manifest())?;
-            control.mark_done()?;
-            Ok(report)
-        });
-    let Err(primary) = result else { return result };
-    let reason = primary.to_string();
-    control.mark_failed(&reason)?;
+    let result = ingest_files(store, &files, options, &track, on_progress).and_then(|report| {
+        write_ref_manifest(&report.refs, control.manifest())?;
+        control.mark_done()?;
+        Ok(report)
+    });
+    let primary = match result {
+        Ok(report) => return Ok(report),
+        Err(primary) => primary,
+    };
+    // `.failed` before any cleanup; a write error must not skip the cleanup.
+    let mut record_error = control.mark_failed(&primary.python_reason()).err();
+    let mut failure_recorded = record_error.is_none();
     let published = published.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut cleanup_errors: Vec<String> =
         published.iter().filter_map(|sid| store.abort(sid).err()).map(|e| e.to_string()).collect();
     if let Err(e) = store.drain(DrainPolicy::default()) {
         cleanup_errors.push(e.to_string());
     }
-    if cleanup_errors.is_empty() {
-        return Err(primary);
+    if record_error.is_none() && cleanup_errors.is_empty() {
+        return Err(ProducerError { error: primary, failure_recorded });
     }
-    let combined =
-        format!("{reason}; offline cleanup did not remove every ingested sample: {}", cleanup_errors.join("; "));
-    control.mark_failed(&combined)?;
-    Err(Error::Backend {
-        backend: store.backend_kind().into(),
-        operation: "ingest".into(),
-        key: control.manifest().display().to_string(),
-        message: combined,
-    })
+    let rewrite = !cleanup_errors.is_empty();
+    let mut error = Error::FailureHandling {
+        primary: Box::new(primary),
+        record_error: record_error.as_ref().map(Error::to_string),
+        cleanup_errors,
+    };
+    if rewrite {
+        // The combined reason replaces the primary one, so `.failed` says cleanup was incomplete.
+        match control.mark_failed(&error.python_reason()) {
+            Ok(()) => failure_recorded = true,
+            Err(e) if record_error.is_none() => {
+                record_error = Some(e);
+                if let Error::FailureHandling { record_error: slot, .. } = &mut error {
+                    *slot = record_error.as_ref().map(Error::to_string);
+                }
+            }
+            Err(_) => {} // the first write error is already reported
+        }
+    }
+    Err(ProducerError { error, failure_recorded })
 }

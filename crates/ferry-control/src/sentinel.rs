@@ -5,7 +5,7 @@
 //! <manifest>.producer_claim   exclusive-create, "pid=<pid>\n", fsynced: one producer per attempt
 //! <manifest>                  the refs (written before .done)
 //! <manifest>.done             producer success
-//! <manifest>.failed           producer failure, "<reason>" (written BEFORE any cleanup)
+//! <manifest>.failed           producer failure, "<ExcType>: <message>" (written BEFORE any cleanup)
 //! <manifest>.consumed         consumer (rank 0) success
 //! <manifest>.consumer_failed  consumer failure, "<reason>"
 //! ```
@@ -140,12 +140,19 @@ impl OfflineControl {
     }
 }
 
-/// A sidecar's reason: its trimmed content, `"unknown remote failure"` when empty, `None` when
-/// the file does not exist.
+/// The reason given when a failure sidecar exists but says nothing readable.
+pub const UNKNOWN_FAILURE: &str = "unknown remote failure";
+
+/// A sidecar's reason: `None` when the file does not exist. Presence is decided by existence
+/// alone (as SpecForge's `os.path.exists`), so a sidecar that is not UTF-8 or cannot be read
+/// still signals the failure: its bytes are decoded lossily, and an unreadable or empty sidecar
+/// reads `"unknown remote failure"`.
 pub fn read_reason(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let text = text.trim();
-    Some(if text.is_empty() { "unknown remote failure".to_owned() } else { text.to_owned() })
+    if !path.exists() {
+        return None;
+    }
+    let text = std::fs::read(path).map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned()).unwrap_or_default();
+    Some(if text.is_empty() { UNKNOWN_FAILURE.to_owned() } else { text })
 }
 
 /// Waits until `path` exists. A present `failure` file fails the wait with its reason; past

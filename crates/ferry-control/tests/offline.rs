@@ -106,7 +106,11 @@ fn ingest_puts_every_fixture_file_byte_for_byte_in_order() {
     let mut seen = seen.into_inner().unwrap();
     seen.sort();
     assert_eq!(seen, ids);
-    assert_eq!(report.bytes, *bytes.lock().unwrap());
+    // Progress counts on-disk bytes; the report counts tensor bytes put.
+    let on_disk: u64 = files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+    assert_eq!(*bytes.lock().unwrap(), on_disk);
+    let put: u64 = report.refs.iter().flat_map(|r| r.feature_specs.values()).map(|s| s.nbytes().unwrap()).sum();
+    assert_eq!(report.bytes, put);
     for (r, file) in report.refs.iter().zip(&files) {
         assert_eq!(r.metadata["format"], "offline_eagle3");
         assert_eq!(r.metadata["file_index"], serde_json::json!(r.sample_id.as_str()[7..].parse::<u64>().unwrap()));
@@ -184,11 +188,15 @@ fn cleanup_failures_are_loud_and_land_in_failed() {
     let dir = tempfile::tempdir().unwrap();
     let control = OfflineControl::new(dir.path().join("manifest.json"));
     let options = IngestOptions { workers: 1, ..IngestOptions::default() };
-    let err = run_offline_producer(&store, input.path(), &control, &options, &|_| {}).unwrap_err().to_string();
+    let err = run_offline_producer(&store, input.path(), &control, &options, &|_| {}).unwrap_err();
+    assert!(err.failure_recorded, "{err}");
+    let err = err.to_string();
     assert!(err.contains("missing required offline feature keys"), "{err}");
     assert!(err.contains("offline cleanup did not remove every ingested sample"), "{err}");
     let failed = control.failure().unwrap();
     assert!(failed.contains("could not drain"), "{failed}");
+    assert_eq!(failed, format!("RuntimeError: {err}"));
+    assert!(failed.starts_with("RuntimeError: KeyError: "), "{failed}");
 }
 
 #[test]
@@ -226,4 +234,128 @@ fn options_dflash(mut options: IngestOptions) -> IngestOptions {
     options.refs.strategy = "dflash".into();
     options.refs.feature_keys = ["input_ids", "loss_mask", "hidden_states"].map(String::from).to_vec();
     options
+}
+
+/// Makes every write of `<manifest>.failed` fail: its temp path is taken by a directory.
+fn block_failed_writes(control: &OfflineControl) -> PathBuf {
+    let tmp = PathBuf::from(format!("{}.tmp.{}", control.failed_path().display(), std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    tmp
+}
+
+/// Sample files left in a dir store's `ingest` namespace.
+fn sample_files(root: &Path) -> Vec<PathBuf> {
+    list_feature_files(&root.join("ingest")).unwrap_or_default()
+}
+
+#[test]
+fn a_failed_sentinel_write_still_cleans_up_and_names_both_errors() {
+    let input = broken_folder();
+    let root = tempfile::tempdir().unwrap();
+    let store = dir_store(root.path());
+    let control = OfflineControl::new(root.path().join("control/manifest.json"));
+    std::fs::create_dir_all(root.path().join("control")).unwrap();
+    block_failed_writes(&control);
+    let options = IngestOptions { workers: 1, ..IngestOptions::default() };
+    let err = run_offline_producer(&store, input.path(), &control, &options, &|_| {}).unwrap_err();
+    assert!(!err.failure_recorded, "{err}");
+    assert!(matches!(err.error.primary(), Error::MissingFeatureKeys { .. }), "{err}");
+    let err = err.to_string();
+    assert!(err.contains("missing required offline feature keys"), "the primary error is kept: {err}");
+    assert!(err.contains("manifest.json.failed"), "the sentinel write error is named: {err}");
+    assert!(sample_files(root.path()).is_empty(), "abort + drain still ran: {:?}", sample_files(root.path()));
+    assert!(!control.failed_path().exists() && !control.done_path().exists());
+}
+
+#[test]
+fn failed_holds_the_python_exception_type_and_message() {
+    let input = broken_folder();
+    let root = tempfile::tempdir().unwrap();
+    let store = dir_store(root.path());
+    let control = OfflineControl::new(root.path().join("manifest.json"));
+    let options = IngestOptions { workers: 1, ..IngestOptions::default() };
+    let err = run_offline_producer(&store, input.path(), &control, &options, &|_| {}).unwrap_err();
+    assert!(err.failure_recorded, "{err}");
+    let failed = control.failure().unwrap();
+    assert!(failed.starts_with("KeyError: "), "{failed}");
+    assert_eq!(failed, format!("KeyError: {err}"));
+}
+
+#[test]
+fn a_missing_key_reads_cleanly() {
+    let input = broken_folder();
+    let store = FeatureStore::open(MemoryBackend::default(), StoreOptions::default()).unwrap();
+    let files = list_feature_files(input.path()).unwrap();
+    let options = IngestOptions { workers: 1, ..IngestOptions::default() };
+    let err = ingest_files(&store, &files, &options, &|_| {}, &|_| {}).unwrap_err().to_string();
+    assert!(err.contains("b.ckpt missing required offline feature keys ['hidden_state', 'aux_hidden_state']"), "{err}");
+    assert!(!err.contains("is not available"), "{err}");
+    assert!(err.contains("hidden_states"), "the message says what the file holds: {err}");
+}
+
+#[test]
+fn progress_counts_on_disk_bytes_like_the_total() {
+    let root = tempfile::tempdir().unwrap();
+    let store = dir_store(root.path());
+    let files = list_feature_files(&fixtures().join("specforge-offline-eagle3")).unwrap();
+    assert!(files.iter().any(|f| f.to_str().unwrap().ends_with(".ckpt.gz")));
+    let on_disk: u64 = files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+    let progress = Mutex::new(0u64);
+    let options = IngestOptions { workers: 2, ..IngestOptions::default() };
+    ingest_files(&store, &files, &options, &|_| {}, &|b| *progress.lock().unwrap() += b).unwrap();
+    assert_eq!(*progress.lock().unwrap(), on_disk);
+}
+
+#[test]
+fn an_unreadable_or_non_utf8_failed_still_fails_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    std::fs::write(control.failed_path(), b"RuntimeError: bad \xff byte").unwrap();
+    assert_eq!(control.failure().as_deref(), Some("RuntimeError: bad \u{fffd} byte"));
+    let deadline = Some(Instant::now() + Duration::from_secs(5));
+    let err = control.wait_for_done(deadline, Duration::from_millis(5)).unwrap_err();
+    assert!(!matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains("bad \u{fffd} byte"), "{err}");
+
+    let other = OfflineControl::new(dir.path().join("other.json"));
+    std::fs::create_dir(other.failed_path()).unwrap(); // exists, but cannot be read as a file
+    assert_eq!(other.failure().as_deref(), Some("unknown remote failure"));
+    let err = other.wait_for_done(deadline, Duration::from_millis(5)).unwrap_err();
+    assert!(err.to_string().contains("unknown remote failure"), "{err}");
+}
+
+#[test]
+fn an_input_without_feature_files_is_refused_before_claiming() {
+    let root = tempfile::tempdir().unwrap();
+    let store = dir_store(root.path());
+    let input = tempfile::tempdir().unwrap();
+    std::fs::write(input.path().join("notes.txt"), b"x").unwrap();
+    let control = OfflineControl::new(root.path().join("manifest.json"));
+    let err = run_offline_producer(&store, input.path(), &control, &IngestOptions::default(), &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(input.path().to_str().unwrap()), "{err}");
+    assert!(err.contains(".ckpt") && err.contains(".ckpt.gz") && err.contains(".safetensors"), "{err}");
+    for path in [control.claim_path(), control.done_path(), control.failed_path(), control.manifest().to_owned()] {
+        assert!(!path.exists(), "{}", path.display());
+    }
+}
+
+#[test]
+fn unwritable_failed_and_failed_cleanup_are_both_reported() {
+    let input = broken_folder();
+    let faults = Arc::new(FaultyBackend::new(MemoryBackend::default()));
+    let store = FeatureStore::open(faults.clone(), StoreOptions::default()).unwrap();
+    faults.set_remove_fault(RemoveFault::FailAlways);
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    block_failed_writes(&control);
+    let options = IngestOptions { workers: 1, ..IngestOptions::default() };
+    let err = run_offline_producer(&store, input.path(), &control, &options, &|_| {}).unwrap_err();
+    assert!(!err.failure_recorded);
+    let text = err.to_string();
+    assert!(text.starts_with("KeyError: ") && text.contains("missing required offline feature keys"), "{text}");
+    assert!(text.contains("recording the failure failed: writing") && text.contains("manifest.json.failed"), "{text}");
+    assert!(text.contains("offline cleanup did not remove every ingested sample"), "{text}");
+    assert_eq!(err.error.python_exception(), "RuntimeError");
 }

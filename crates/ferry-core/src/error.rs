@@ -155,6 +155,74 @@ pub enum Error {
         /// How long it waited.
         waited_ms: u64,
     },
+
+    /// An offline feature file lacks raw keys its strategy needs (SpecForge's `KeyError`
+    /// "... missing required offline feature keys [...]").
+    #[error("{}", MissingFeatureKeysDisplay(self))]
+    MissingFeatureKeys {
+        /// The feature file.
+        path: String,
+        /// The sample it was read for, if known.
+        sample_id: Option<String>,
+        /// The raw keys that are missing, in the strategy's order.
+        missing: Vec<String>,
+        /// The keys the file does hold, in its order (to tell which strategy wrote it).
+        present: Vec<String>,
+    },
+
+    /// An operation failed, and handling that failure (recording it, cleaning up after it)
+    /// failed too. `primary` is the original error; the rest say what else went wrong.
+    #[error("{}", FailureHandlingDisplay(self))]
+    FailureHandling {
+        /// The original error.
+        primary: Box<Error>,
+        /// Why the failure could not be recorded (e.g. writing a `.failed` sentinel), if so.
+        record_error: Option<String>,
+        /// What cleanup could not undo.
+        cleanup_errors: Vec<String>,
+    },
+}
+
+/// A list of names the way Python's `repr` prints a list of strings: `['a', 'b']`.
+fn python_list(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+struct MissingFeatureKeysDisplay<'a>(&'a Error);
+
+impl fmt::Display for MissingFeatureKeysDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Error::MissingFeatureKeys { path, sample_id, missing, present } = self.0 {
+            write!(f, "{path} missing required offline feature keys {}", python_list(missing))?;
+            if let Some(sample_id) = sample_id {
+                write!(f, " (sample {sample_id})")?;
+            }
+            if present.is_empty() {
+                write!(f, "; the file holds no tensors")?;
+            } else {
+                write!(f, "; the file holds {}", python_list(present))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct FailureHandlingDisplay<'a>(&'a Error);
+
+impl fmt::Display for FailureHandlingDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Error::FailureHandling { primary, record_error, cleanup_errors } = self.0 {
+            write!(f, "{}: {primary}", primary.python_exception())?;
+            if let Some(record_error) = record_error {
+                write!(f, "; recording the failure failed: {record_error}")?;
+            }
+            if !cleanup_errors.is_empty() {
+                write!(f, "; offline cleanup did not remove every ingested sample: {}", cleanup_errors.join("; "))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 struct DrainIncompleteDisplay<'a>(&'a Error);
@@ -186,7 +254,89 @@ impl Error {
     pub fn is_not_available(&self) -> bool {
         matches!(
             self,
-            Error::NotFound { .. } | Error::StaleRef { .. } | Error::UseAfterFree { .. } | Error::ShortRead { .. }
+            Error::NotFound { .. }
+                | Error::StaleRef { .. }
+                | Error::UseAfterFree { .. }
+                | Error::ShortRead { .. }
+                | Error::MissingFeatureKeys { .. }
         )
+    }
+
+    /// The name of the Python exception SpecForge raises for this error (the `<ExcType>` of a
+    /// `.failed` sentinel's `"<ExcType>: <message>"`). The one place this mapping lives.
+    pub fn python_exception(&self) -> &'static str {
+        match self {
+            Error::NotFound { .. }
+            | Error::StaleRef { .. }
+            | Error::UseAfterFree { .. }
+            | Error::ShortRead { .. }
+            | Error::MissingFeatureKeys { .. } => "KeyError",
+            Error::InvalidArgument(_) | Error::UnknownDtype { .. } | Error::Json { .. } | Error::Corrupt { .. } => {
+                "ValueError"
+            }
+            Error::OverBudget { .. } => "MemoryError",
+            Error::AuthFailed { .. } => "PermissionError",
+            Error::Timeout { .. } => "TimeoutError",
+            Error::Io { kind, .. } => match kind {
+                std::io::ErrorKind::NotFound => "FileNotFoundError",
+                std::io::ErrorKind::AlreadyExists => "FileExistsError",
+                std::io::ErrorKind::PermissionDenied => "PermissionError",
+                std::io::ErrorKind::IsADirectory => "IsADirectoryError",
+                std::io::ErrorKind::NotADirectory => "NotADirectoryError",
+                std::io::ErrorKind::Interrupted => "InterruptedError",
+                std::io::ErrorKind::TimedOut => "TimeoutError",
+                _ => "OSError",
+            },
+            Error::Backend { .. } | Error::DrainIncomplete { .. } | Error::FailureHandling { .. } => "RuntimeError",
+        }
+    }
+
+    /// SpecForge's failure-reason text, `"<ExcType>: <message>"` (what `.failed` holds).
+    pub fn python_reason(&self) -> String {
+        format!("{}: {self}", self.python_exception())
+    }
+
+    /// The original error: the `primary` of [`Error::FailureHandling`], else `self`.
+    pub fn primary(&self) -> &Error {
+        match self {
+            Error::FailureHandling { primary, .. } => primary.primary(),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_exception_names_follow_specforge() {
+        let missing = Error::MissingFeatureKeys {
+            path: "/d/b.ckpt".into(),
+            sample_id: Some("disagg:00000001".into()),
+            missing: vec!["aux_hidden_state".into()],
+            present: vec!["input_ids".into(), "hidden_states".into()],
+        };
+        assert_eq!(
+            missing.to_string(),
+            "/d/b.ckpt missing required offline feature keys ['aux_hidden_state'] (sample disagg:00000001); the file holds ['input_ids', 'hidden_states']"
+        );
+        assert_eq!(missing.python_exception(), "KeyError");
+        assert!(missing.is_not_available());
+        assert_eq!(Error::InvalidArgument("x".into()).python_reason(), "ValueError: invalid argument: x");
+        assert_eq!(Error::Timeout { what: "p".into(), waited_ms: 1 }.python_exception(), "TimeoutError");
+        let io = Error::io("writing /m.failed", &std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert_eq!(io.python_exception(), "OSError");
+        let combined = Error::FailureHandling {
+            primary: Box::new(missing.clone()),
+            record_error: Some(io.to_string()),
+            cleanup_errors: vec!["remove failed".into()],
+        };
+        assert_eq!(combined.python_exception(), "RuntimeError");
+        assert_eq!(combined.primary(), &missing);
+        let text = combined.to_string();
+        assert!(text.starts_with("KeyError: /d/b.ckpt missing required"), "{text}");
+        assert!(text.contains("; recording the failure failed: writing /m.failed"), "{text}");
+        assert!(text.ends_with("offline cleanup did not remove every ingested sample: remove failed"), "{text}");
     }
 }

@@ -47,7 +47,7 @@ impl FileFormat {
     pub fn detect(path: &Path) -> Result<FileFormat> {
         let format = FileFormat::from_name(path)?;
         let what = path.display().to_string();
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(format!("opening tensor file {what}"), &e))?;
+        let (mut file, _) = crate::file::open_regular(path, &what)?;
         let mut head = Vec::with_capacity(SNIFF_BYTES);
         (&mut file)
             .take(SNIFF_BYTES as u64)

@@ -24,7 +24,8 @@ pub struct OpenOptions {
     /// truncated in place: truncating a mapped file under a reader kills the reader with SIGBUS.
     /// Set `false` where that cannot be ruled out.
     pub map: bool,
-    /// Largest decompressed size accepted for a `.ckpt.gz` (default 64 GiB).
+    /// Largest decompressed size accepted for a `.ckpt.gz` (default 16 GiB; see
+    /// [`crate::limits::DEFAULT_MAX_DECOMPRESSED_BYTES`]).
     pub max_decompressed_bytes: u64,
 }
 
@@ -75,6 +76,57 @@ fn map_file(file: &File, len: u64, what: &str) -> Result<memmap2::Mmap> {
     let map = unsafe { memmap2::MmapOptions::new().len(len).map(file) }
         .map_err(|e| Error::io(format!("mapping tensor file {what}"), &e))?;
     Ok(map)
+}
+
+/// Opens `path` for reading after checking that it is (or links to) a regular file, and returns
+/// it with its length. A FIFO, socket or device (`/dev/zero`) reports length 0 or none and may
+/// produce data forever or block, so it is refused before it is opened; the opened file is
+/// checked again, in case the path was replaced in between (a path swapped for a FIFO in that
+/// window can still block the open: only the first check prevents that).
+pub(crate) fn open_regular(path: &Path, what: &str) -> Result<(File, u64)> {
+    let io = |action: &str, e: &std::io::Error| Error::io(format!("{action} tensor file {what}"), e);
+    let not_regular = |meta: &std::fs::Metadata| {
+        Error::InvalidArgument(format!(
+            "tensor file {what} is not a regular file (it is {}); ferry reads only regular files",
+            kind_of(meta)
+        ))
+    };
+    // Follows symlinks, like the open below.
+    let meta = std::fs::metadata(path).map_err(|e| io("opening", &e))?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    let file = File::open(path).map_err(|e| io("opening", &e))?;
+    let meta = file.metadata().map_err(|e| io("inspecting", &e))?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok((file, meta.len()))
+}
+
+/// What a non-regular file is, in words.
+fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+    }
+    "another kind of file"
 }
 
 /// An opened tensor file: a read-only mapping (or an owned buffer, for `.ckpt.gz` and
@@ -180,8 +232,7 @@ impl TensorFile {
         let format = FileFormat::from_name(path)?;
         let what = path.display().to_string();
         let io = |action: &str, e: &std::io::Error| Error::io(format!("{action} tensor file {what}"), e);
-        let mut file = File::open(path).map_err(|e| io("opening", &e))?;
-        let len = file.metadata().map_err(|e| io("inspecting", &e))?.len();
+        let (mut file, len) = open_regular(path, &what)?;
         let backing = if format == FileFormat::TorchZipGz {
             let mut head = Vec::with_capacity(SNIFF_BYTES);
             (&mut file).take(SNIFF_BYTES as u64).read_to_end(&mut head).map_err(|e| io("reading", &e))?;
@@ -194,7 +245,8 @@ impl TensorFile {
                 None
             };
             file.seek(SeekFrom::Start(0)).map_err(|e| io("reading", &e))?;
-            let reader = std::io::BufReader::with_capacity(1 << 20, file);
+            // Never more than the length seen at open, whatever the file does meanwhile.
+            let reader = std::io::BufReader::with_capacity(1 << 20, file.take(len));
             Backing::Owned(gz::decompress(reader, len, hint, options.max_decompressed_bytes, &what)?)
         } else if options.map && len > 0 {
             Backing::Mapped(map_file(&file, len, &what)?)
@@ -205,7 +257,7 @@ impl TensorFile {
                 kind: ErrorKind::OutOfMemory,
                 message: format!("cannot allocate {len} bytes"),
             })?;
-            file.read_to_end(&mut v).map_err(|e| io("reading", &e))?;
+            file.take(len).read_to_end(&mut v).map_err(|e| io("reading", &e))?;
             Backing::Owned(v)
         };
         TensorFile::parse(Some(path.to_path_buf()), what, format, backing)
@@ -289,11 +341,10 @@ impl TensorFile {
 
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
         self.tensors.get(name).ok_or_else(|| {
-            let mut have: Vec<&str> = self.names().take(8).collect();
-            if self.len() > 8 {
-                have.push("...");
-            }
-            Error::NotFound { what: format!("tensor {name:?} in {} (it holds: {})", self.what, have.join(", ")) }
+            // Names come from the file: printed quoted and escaped, never raw.
+            let have: Vec<&str> = self.names().take(8).collect();
+            let more = if self.len() > 8 { ", ..." } else { "" };
+            Error::NotFound { what: format!("tensor {name:?} in {} (it holds: {have:?}{more})", self.what) }
         })
     }
 

@@ -8,18 +8,69 @@
 //! as one core allows.
 
 use ferry_core::{Error, Result};
-use flate2::read::MultiGzDecoder;
-use std::io::{ErrorKind, Read};
+use flate2::bufread::GzDecoder;
+use std::io::{self, BufRead, ErrorKind, Read};
 
-/// Decompression reads this much at a time.
+/// Decompression grows (and zero-initialises) the output this much at a time.
 const CHUNK: usize = 1 << 20;
 /// DEFLATE's best compression ratio is about 1032:1; a size hint beyond that is a lie.
 const MAX_DEFLATE_RATIO: u64 = 1032;
 
-/// Decompresses a whole gzip stream (all members) from `input`, refusing to produce more than
-/// `max_bytes`. `size_hint` (from the gzip trailer, if known) only pre-sizes the buffer.
+/// The gzip members of a stream, one after another, as Python's `gzip` reads them: NUL bytes
+/// after a member (padding, as tape and block-device tools add) are skipped, and anything else
+/// must be the next member's header.
+enum Members<R: BufRead> {
+    /// Inside a member.
+    Member(Box<GzDecoder<R>>),
+    /// Between members: skipping NULs.
+    Between(R),
+    /// Past the end of the input.
+    Done,
+    /// Only while a state is being replaced.
+    Taken,
+}
+
+impl<R: BufRead> Read for Members<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self {
+                Members::Member(decoder) => {
+                    // A member's end (`Ok(0)`) comes after its CRC and size were checked.
+                    let n = decoder.read(buf)?;
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                    if let Members::Member(decoder) = std::mem::replace(self, Members::Taken) {
+                        *self = Members::Between(decoder.into_inner());
+                    }
+                }
+                Members::Between(input) => {
+                    let available = input.fill_buf()?;
+                    if available.is_empty() {
+                        *self = Members::Done;
+                        continue;
+                    }
+                    let zeros = available.iter().take_while(|&&b| b == 0).count();
+                    let more = zeros < available.len();
+                    input.consume(zeros);
+                    if more && let Members::Between(input) = std::mem::replace(self, Members::Taken) {
+                        *self = Members::Member(Box::new(GzDecoder::new(input)));
+                    }
+                }
+                Members::Done | Members::Taken => return Ok(0),
+            }
+        }
+    }
+}
+
+/// Decompresses a whole gzip stream (all members, NUL padding after a member skipped) from
+/// `input`, refusing to produce more than `max_bytes`. `size_hint` (from the gzip trailer, if
+/// known) only pre-sizes the buffer.
 pub(crate) fn decompress(
-    input: impl Read,
+    input: impl BufRead,
     compressed_len: u64,
     size_hint: Option<u64>,
     max_bytes: u64,
@@ -32,50 +83,49 @@ pub(crate) fn decompress(
         // Only a hint: a failed reservation just means growing later.
         let _ = out.try_reserve_exact(usize::try_from(hint).unwrap_or(0));
     }
-    let mut decoder = MultiGzDecoder::new(input);
+    let mut decoder = Members::Member(Box::new(GzDecoder::new(input)));
+    // `out[..filled]` holds output; `out[filled..]` is zeroed space not yet written. Safe Rust
+    // cannot decompress into uninitialised memory (`Read::read_buf` is unstable, and
+    // `read_to_end` zeroes its spare capacity too), so each byte is zeroed once, a chunk ahead,
+    // and never again after a short read.
+    let mut filled = 0usize;
     loop {
-        let len = out.len();
-        if len as u64 > max_bytes {
+        if filled as u64 > max_bytes {
             return Err(corrupt(format!(
                 "decompresses to more than {max_bytes} bytes (the limit; raise OpenOptions::max_decompressed_bytes if this file is genuine)"
             )));
         }
-        if out.capacity() - len < CHUNK {
-            out.try_reserve(CHUNK.max(len / 2)).map_err(|_| Error::Io {
-                context: format!("decompressing gzip file {what}"),
-                kind: ErrorKind::OutOfMemory,
-                message: format!("cannot grow the buffer beyond {len} bytes"),
-            })?;
-        }
-        out.resize(len + CHUNK, 0);
-        let n = loop {
-            match decoder.read(&mut out[len..]) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::InvalidInput | ErrorKind::InvalidData | ErrorKind::UnexpectedEof
-                    ) =>
-                {
-                    out.truncate(len);
-                    return Err(corrupt(format!("gzip stream is corrupt or truncated after {len} bytes: {e}")));
-                }
-                Err(e) => {
-                    out.truncate(len);
-                    return Err(Error::io(format!("reading gzip file {what}"), &e));
-                }
+        if filled == out.len() {
+            if out.capacity() - filled < CHUNK {
+                out.try_reserve(CHUNK.max(filled / 2)).map_err(|_| Error::Io {
+                    context: format!("decompressing gzip file {what}"),
+                    kind: ErrorKind::OutOfMemory,
+                    message: format!("cannot grow the buffer beyond {filled} bytes"),
+                })?;
             }
+            out.resize(filled + CHUNK, 0);
+        }
+        let n = match decoder.read(&mut out[filled..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::InvalidData | ErrorKind::UnexpectedEof) =>
+            {
+                return Err(corrupt(format!("gzip stream is corrupt or truncated after {filled} bytes: {e}")));
+            }
+            Err(e) => return Err(Error::io(format!("reading gzip file {what}"), &e)),
         };
-        out.truncate(len + n);
         if n == 0 {
             break;
         }
+        filled += n;
     }
+    // No `shrink_to_fit`: it could copy a multi-GiB buffer to return at most a chunk, or the
+    // unused part of a wrong size hint, which was never touched.
+    out.truncate(filled);
     if out.len() as u64 > max_bytes {
         return Err(corrupt(format!("decompresses to more than {max_bytes} bytes (the limit)")));
     }
-    out.shrink_to_fit();
     Ok(out)
 }
 
@@ -110,5 +160,28 @@ mod tests {
         let cut = &both[..both.len() / 3];
         let err = decompress(cut, cut.len() as u64, None, u64::MAX, "t").unwrap_err().to_string();
         assert!(err.contains("corrupt or truncated"), "{err}");
+    }
+
+    #[test]
+    fn nul_padding_after_a_member_is_skipped_like_pythons_gzip() {
+        let mut padded = gz(b"first");
+        padded.extend([0u8; 1000]);
+        let out = decompress(&padded[..], padded.len() as u64, None, u64::MAX, "t").unwrap();
+        assert_eq!(out, b"first");
+        // Between members too, as Python's gzip reads it.
+        padded.extend(gz(b" second"));
+        padded.extend([0u8; 3]);
+        let out = decompress(&padded[..], padded.len() as u64, None, u64::MAX, "t").unwrap();
+        assert_eq!(out, b"first second");
+        // Anything but NULs after a member must be a gzip header.
+        padded.extend(b"\0\0junk");
+        let err = decompress(&padded[..], padded.len() as u64, None, u64::MAX, "t").unwrap_err().to_string();
+        assert!(err.contains("corrupt or truncated"), "{err}");
+        // A small BufReader splits the padding and headers across buffer refills.
+        let mut padded = gz(b"x");
+        padded.extend([0u8; 100]);
+        padded.extend(gz(b"y"));
+        let reader = std::io::BufReader::with_capacity(7, &padded[..]);
+        assert_eq!(decompress(reader, padded.len() as u64, None, u64::MAX, "t").unwrap(), b"xy");
     }
 }

@@ -85,7 +85,7 @@ pub fn torch_zip_bytes(tensors: &[(&str, TensorView<'_>)]) -> Result<Vec<u8>> {
 /// [`torch_zip_bytes`] with a chosen archive name (torch uses the file's stem, e.g. `data_0`).
 pub fn torch_zip_bytes_named(archive: &str, tensors: &[(&str, TensorView<'_>)]) -> Result<Vec<u8>> {
     torch::check_archive_name(archive)?;
-    torch::check_tensors(tensors)?;
+    torch::check_torch_tensors(tensors)?;
     let total: usize = tensors.iter().map(|(_, v)| v.bytes().len() + 256).sum();
     torch::write_archive(Vec::with_capacity(total + 2048), archive, tensors)
         .map_err(|e| Error::io("building a torch zip in memory", &e))
@@ -95,7 +95,7 @@ pub fn torch_zip_bytes_named(archive: &str, tensors: &[(&str, TensorView<'_>)]) 
 /// archive name follows torch: the file's base name without its last extension
 /// (`data_0.ckpt` → `data_0`). See [`write_safetensors`] for how the file is published.
 pub fn write_torch_zip(path: &Path, tensors: &[(&str, TensorView<'_>)]) -> Result<()> {
-    torch::check_tensors(tensors)?;
+    torch::check_torch_tensors(tensors)?;
     let archive = torch::archive_name_for(path);
     publish(path, |out| torch::write_archive(out, &archive, tensors).map(drop))
 }
@@ -167,7 +167,7 @@ pub mod internal {
         offset_limit: u64,
         tensors: &[(&str, ferry_core::TensorView<'_>)],
     ) -> ferry_core::Result<Vec<u8>> {
-        crate::torch::check_tensors(tensors)?;
+        crate::torch::check_torch_tensors(tensors)?;
         let limits = crate::zip::Zip64Limits { size: size_limit, offset: offset_limit };
         crate::torch::write_archive_with_zip64_limits(Vec::new(), "archive", tensors, limits)
             .map_err(|e| ferry_core::Error::io("building a torch zip", &e))

@@ -20,7 +20,7 @@ use std::rc::Rc;
 
 use crate::limits::{
     MAX_GLOBAL_LINE, MAX_NDIM, MAX_PICKLE_BYTES, MAX_PICKLE_DEPTH, MAX_PICKLE_MEMO, MAX_PICKLE_STACK,
-    MAX_PICKLE_STRING, MAX_PICKLE_VALUES,
+    MAX_PICKLE_STRING, MAX_PICKLE_VALUES, MAX_TENSOR_DIMS, MAX_TENSORS,
 };
 
 /// A persistent storage record: `('storage', torch.<X>Storage, key, location, numel)`.
@@ -208,6 +208,11 @@ struct Vm<'a> {
     dicts: Vec<Vec<(Value, Value)>>,
     lists: Vec<Vec<Value>>,
     created: usize,
+    /// Tensor records rebuilt so far (at most [`MAX_TENSORS`]).
+    tensors: usize,
+    /// Dimensions built so far, for tensor records and returned entries (at most
+    /// [`MAX_TENSOR_DIMS`]).
+    dims: usize,
     what: &'a str,
 }
 
@@ -319,14 +324,27 @@ impl<'a> Vm<'a> {
                 )));
             }
             if name.ends_with("Storage") {
-                return Err(
-                    self.err(format!("unsupported storage class torch.{name}: its dtype is not one ferry supports"))
-                );
+                return Err(self.err(format!(
+                    "unsupported storage class {:?}: its dtype is not one ferry supports",
+                    format!("torch.{name}")
+                )));
             }
         }
         Err(self.err(format!(
-            "disallowed global {module}.{name}: ferry only rebuilds tensors (allowed: collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_tensor, torch.<dtype>Storage)"
+            "disallowed global {:?}: ferry only rebuilds tensors (allowed: collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_tensor, torch.<dtype>Storage)",
+            format!("{module}.{name}")
         )))
+    }
+
+    /// Counts `ndim` more dimensions against [`MAX_TENSOR_DIMS`], before they are built.
+    fn charge_dims(&mut self, ndim: usize) -> Result<()> {
+        self.dims = self.dims.saturating_add(ndim);
+        if self.dims > MAX_TENSOR_DIMS {
+            return Err(self.err(format!(
+                "tensor records hold more than {MAX_TENSOR_DIMS} dimensions in total (the MAX_TENSOR_DIMS limit)"
+            )));
+        }
+        Ok(())
     }
 
     fn int_arg(&self, v: &Value, what: &str) -> Result<u64> {
@@ -393,6 +411,17 @@ impl<'a> Vm<'a> {
                     );
                 };
                 let offset = self.int_arg(&args.items[1], "tensor storage offset")?;
+                self.tensors += 1;
+                if self.tensors > MAX_TENSORS {
+                    return Err(self.err(format!(
+                        "more than {MAX_TENSORS} tensor records (the MAX_TENSORS limit on tensors in one file)"
+                    )));
+                }
+                let ndim = |v: &Value| match v {
+                    Value::Tuple(t) => t.items.len().min(MAX_NDIM + 1),
+                    _ => 0,
+                };
+                self.charge_dims(ndim(&args.items[2]) + ndim(&args.items[3]))?;
                 let shape = self.dims(&args.items[2], "size")?;
                 let strides = self.dims(&args.items[3], "stride")?;
                 if shape.len() != strides.len() {
@@ -442,6 +471,18 @@ impl<'a> Vm<'a> {
             Some(other) => Err(self.err(format!("{op} on {}, not a dict", other.kind()))),
             None => Err(self.err(format!("{op} with no dict below it"))),
         }
+    }
+
+    /// A torch file's dicts are its tensor map and empty hook dicts: none may grow past
+    /// [`MAX_TENSORS`] entries (checked as it grows, before the VM holds millions of items).
+    fn check_dict_len(&self, id: usize, more: usize) -> Result<()> {
+        let len = self.dicts.get(id).map_or(0, Vec::len);
+        if len + more > MAX_TENSORS {
+            return Err(self.err(format!(
+                "a dict of more than {MAX_TENSORS} entries: at most {MAX_TENSORS} tensors are accepted (the MAX_TENSORS limit)"
+            )));
+        }
+        Ok(())
     }
 
     fn list_target(&self, below: usize, op: &str) -> Result<usize> {
@@ -595,6 +636,7 @@ impl<'a> Vm<'a> {
                     let value = self.pop("SETITEM")?;
                     let key = self.pop("SETITEM")?;
                     let id = self.dict_target(self.stack.len(), "SETITEM")?;
+                    self.check_dict_len(id, 1)?;
                     self.dicts[id].push((key, value));
                 }
                 b'u' => {
@@ -603,6 +645,7 @@ impl<'a> Vm<'a> {
                         return Err(self.err("SETITEMS with an odd number of items"));
                     }
                     let id = self.dict_target(self.stack.len(), "SETITEMS")?;
+                    self.check_dict_len(id, items.len() / 2)?;
                     let mut it = items.into_iter();
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
                         self.dicts[id].push((k, v));
@@ -631,7 +674,11 @@ impl<'a> Vm<'a> {
 
 /// Runs `data.pkl` and returns the name → tensor record map it describes, in the dict's order.
 /// `what` names the file in errors.
-pub(crate) fn load_tensor_map(code: &[u8], what: &str) -> Result<Vec<(String, TensorRecord)>> {
+///
+/// A record shared by several names (a memo `GET`) is returned shared, never copied; every name
+/// still counts against [`MAX_TENSORS`] and its record's dimensions against [`MAX_TENSOR_DIMS`],
+/// since the caller builds a table entry for each.
+pub(crate) fn load_tensor_map(code: &[u8], what: &str) -> Result<Vec<(String, Rc<TensorRecord>)>> {
     let mut vm = Vm {
         code,
         pos: 0,
@@ -641,6 +688,8 @@ pub(crate) fn load_tensor_map(code: &[u8], what: &str) -> Result<Vec<(String, Te
         dicts: Vec::new(),
         lists: Vec::new(),
         created: 0,
+        tensors: 0,
+        dims: 0,
         what,
     };
     if code.len() > MAX_PICKLE_BYTES {
@@ -651,6 +700,12 @@ pub(crate) fn load_tensor_map(code: &[u8], what: &str) -> Result<Vec<(String, Te
         return Err(vm.err(format!("the saved object is {}, not a dict of tensors", top.kind())));
     };
     let items = std::mem::take(&mut vm.dicts[id]);
+    if items.len() > MAX_TENSORS {
+        return Err(vm.err(format!(
+            "the saved dict has {} entries; at most {MAX_TENSORS} tensors are accepted (the MAX_TENSORS limit)",
+            items.len()
+        )));
+    }
     let mut seen = std::collections::HashSet::with_capacity(items.len());
     let mut out = Vec::with_capacity(items.len());
     for (key, value) in items {
@@ -658,7 +713,7 @@ pub(crate) fn load_tensor_map(code: &[u8], what: &str) -> Result<Vec<(String, Te
             return Err(vm.err(format!("a dict key is {}, not a str", key.kind())));
         };
         let tensor = match value {
-            Value::Tensor(t) => Rc::unwrap_or_clone(t),
+            Value::Tensor(t) => t,
             Value::Dict(_) | Value::List(_) | Value::Tuple(_) => {
                 return Err(vm.err(format!(
                     "the value under key {name:?} is {}: nested containers are not supported (ferry reads a flat name -> tensor map)",
@@ -672,6 +727,8 @@ pub(crate) fn load_tensor_map(code: &[u8], what: &str) -> Result<Vec<(String, Te
         if !seen.insert(name.clone()) {
             return Err(vm.err(format!("key {name:?} appears twice")));
         }
+        // Both the shape and the strides, as the caller copies them into the entry's layout.
+        vm.charge_dims(tensor.shape.len() + tensor.strides.len())?;
         out.push((name.to_string(), tensor));
     }
     Ok(out)
@@ -693,7 +750,7 @@ mod tests {
 
     #[test]
     fn refusals_name_what_was_wrong() {
-        assert!(err(b"\x80\x02cos\nsystem\n.").contains("disallowed global os.system"));
+        assert!(err(b"\x80\x02cos\nsystem\n.").contains("disallowed global \"os.system\""));
         assert!(err(b"\x80\x02}b.").contains("BUILD"));
         assert!(err(b"\x80\x02K\x01.").contains("an int, not a dict"));
         assert!(err(b"\x80\x02}.junk").contains("trailing bytes"));

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::Write;
 
 use crate::layout::{Layout, TensorEntry, contiguous_strides, is_contiguous};
-use crate::limits::MAX_EXPANDED_VIEW_BYTES;
+use crate::limits::{MAX_EXPANDED_VIEW_BYTES, MAX_PICKLE_STRING, MAX_TENSOR_DIMS, MAX_TENSORS};
 use crate::pickle::{self, STORAGE_CLASSES};
 use crate::zip::{self, Zip64Limits, ZipEntry, ZipWriter};
 
@@ -35,14 +35,18 @@ pub(crate) fn parse(bytes: &[u8], what: &str) -> Result<TorchArchive> {
         .iter()
         .filter(|e| e.name.strip_suffix("/data.pkl").is_some_and(|prefix| !prefix.is_empty() && !prefix.contains('/')));
     let Some(pkl) = pickles.next() else {
+        // Names come from the file: printed quoted and escaped, never raw.
         let names: Vec<&str> = entries.iter().take(8).map(|e| e.name.as_str()).collect();
         return Err(corrupt(
             what,
-            format!("no <archive>/data.pkl entry: not a torch.save zip file (entries: {})", names.join(", ")),
+            format!("no <archive>/data.pkl entry: not a torch.save zip file (entries: {names:?})"),
         ));
     };
     if let Some(other) = pickles.next() {
-        return Err(corrupt(what, format!("two top-level folders hold data.pkl ({} and {})", pkl.name, other.name)));
+        return Err(corrupt(
+            what,
+            format!("two top-level folders hold data.pkl ({:?} and {:?})", pkl.name, other.name),
+        ));
     }
     let prefix = &pkl.name[..pkl.name.len() - "data.pkl".len()];
     let by_name: HashMap<&str, &ZipEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
@@ -62,8 +66,10 @@ pub(crate) fn parse(bytes: &[u8], what: &str) -> Result<TorchArchive> {
 
     let records = pickle::load_tensor_map(&bytes[pkl.data.clone()], what)?;
     let mut tensors = IndexMap::with_capacity(records.len());
+    // Bytes that overlapping views would materialise beyond their storages, over the whole file.
+    let mut expanded = 0u64;
     for (name, record) in records {
-        let entry = layout(&by_name, prefix, &name, &record, what)?;
+        let entry = layout(&by_name, prefix, &name, &record, &mut expanded, what)?;
         tensors.insert(name, entry);
     }
     Ok(TorchArchive { entries, tensors })
@@ -75,24 +81,23 @@ fn layout(
     prefix: &str,
     name: &str,
     record: &pickle::TensorRecord,
+    expanded: &mut u64,
     what: &str,
 ) -> Result<TensorEntry> {
     let storage = &record.storage;
     let dtype = storage.dtype;
     let elem = dtype.size() as u64;
     let key = format!("{prefix}data/{}", storage.key);
+    // The key comes from the file: messages print it quoted and escaped.
+    let skey = format!("data/{}", storage.key);
     let Some(entry) = by_name.get(key.as_str()) else {
-        return Err(corrupt(
-            what,
-            format!("storage data/{} of tensor {name:?} is missing from the archive", storage.key),
-        ));
+        return Err(corrupt(what, format!("storage {skey:?} of tensor {name:?} is missing from the archive")));
     };
     let declared = storage.numel.checked_mul(elem).filter(|&b| b <= entry.data.len() as u64).ok_or_else(|| {
         corrupt(
             what,
             format!(
-                "storage data/{} of tensor {name:?} holds {} bytes but its record declares {} {dtype} elements",
-                storage.key,
+                "storage {skey:?} of tensor {name:?} holds {} bytes but its record declares {} {dtype} elements",
                 entry.data.len(),
                 storage.numel
             ),
@@ -110,12 +115,7 @@ fn layout(
         if record.offset > storage.numel {
             return Err(corrupt(
                 what,
-                format!(
-                    "{} starts past the end of its storage data/{} ({} elements)",
-                    describe(),
-                    storage.key,
-                    storage.numel
-                ),
+                format!("{} starts past the end of its storage {skey:?} ({} elements)", describe(), storage.numel),
             ));
         }
         let start = storage_range.start;
@@ -130,9 +130,8 @@ fn layout(
         return Err(corrupt(
             what,
             format!(
-                "{} reaches past the end of its storage data/{}, which holds {} elements: the storage is shorter than the tensor's shape",
+                "{} reaches past the end of its storage {skey:?}, which holds {} elements: the storage is shorter than the tensor's shape",
                 describe(),
-                storage.key,
                 storage.numel
             ),
         ));
@@ -146,16 +145,29 @@ fn layout(
         return Ok(TensorEntry { dtype, shape, layout: Layout::Contiguous(start..start + len) });
     }
     // Only an overlapping view (a zero stride, as from `expand`) has more elements than its
-    // storage; bound what materialising it may allocate.
-    if numel > storage.numel && numel.checked_mul(elem).is_none_or(|b| b > MAX_EXPANDED_VIEW_BYTES) {
-        return Err(corrupt(
-            what,
-            format!(
-                "{} is an overlapping view of {numel} elements over a storage of {}; materialising more than {MAX_EXPANDED_VIEW_BYTES} bytes from such a view is refused",
-                describe(),
-                storage.numel
-            ),
-        ));
+    // storage; bound what materialising it may allocate, per view and per file.
+    if numel > storage.numel {
+        let Some(bytes) = numel.checked_mul(elem).filter(|&b| b <= MAX_EXPANDED_VIEW_BYTES) else {
+            return Err(corrupt(
+                what,
+                format!(
+                    "{} is an overlapping view of {numel} elements over a storage of {}; materialising more than {MAX_EXPANDED_VIEW_BYTES} bytes from such a view is refused",
+                    describe(),
+                    storage.numel
+                ),
+            ));
+        };
+        // `declared < bytes`: the view holds more elements than its storage.
+        *expanded = expanded.saturating_add(bytes - declared);
+        if *expanded > MAX_EXPANDED_VIEW_BYTES {
+            return Err(corrupt(
+                what,
+                format!(
+                    "{} is an overlapping view that brings the bytes this file's overlapping views materialise beyond their storages to more than {MAX_EXPANDED_VIEW_BYTES} (the MAX_EXPANDED_VIEW_BYTES limit, per file)",
+                    describe()
+                ),
+            ));
+        }
     }
     let to_usize = |v: u64| {
         usize::try_from(v).map_err(|_| corrupt(what, format!("{} does not fit this host's address space", describe())))
@@ -349,16 +361,40 @@ pub(crate) fn data_pkl(tensors: &[(&str, TensorView<'_>)]) -> Vec<u8> {
     w.out
 }
 
-/// Checks what the writers need: unique names.
+/// Checks what the writers need: unique names that ferry's reader accepts back (at most
+/// [`MAX_PICKLE_STRING`] bytes).
 pub(crate) fn check_tensors(tensors: &[(&str, TensorView<'_>)]) -> Result<()> {
     let mut seen = std::collections::HashSet::with_capacity(tensors.len());
     for (name, _) in tensors {
-        if u32::try_from(name.len()).is_err() {
-            return Err(Error::InvalidArgument(format!("tensor name of {} bytes is too long to pickle", name.len())));
+        if name.len() > MAX_PICKLE_STRING {
+            return Err(Error::InvalidArgument(format!(
+                "tensor name of {} bytes is longer than the {MAX_PICKLE_STRING} bytes ferry reads back (MAX_PICKLE_STRING)",
+                name.len()
+            )));
         }
         if !seen.insert(*name) {
             return Err(Error::InvalidArgument(format!("tensor name {name:?} appears twice")));
         }
+    }
+    Ok(())
+}
+
+/// [`check_tensors`], plus what ferry's torch reader accepts back: at most [`MAX_TENSORS`]
+/// tensors and [`MAX_TENSOR_DIMS`] shape and stride entries (each tensor's counted twice, as the
+/// reader counts its record and its name).
+pub(crate) fn check_torch_tensors(tensors: &[(&str, TensorView<'_>)]) -> Result<()> {
+    check_tensors(tensors)?;
+    if tensors.len() > MAX_TENSORS {
+        return Err(Error::InvalidArgument(format!(
+            "{} tensors: ferry's torch reader accepts at most {MAX_TENSORS} in one file (MAX_TENSORS)",
+            tensors.len()
+        )));
+    }
+    let dims: usize = tensors.iter().map(|(_, v)| 4 * v.shape().len()).sum();
+    if dims > MAX_TENSOR_DIMS {
+        return Err(Error::InvalidArgument(format!(
+            "the tensors' shapes and strides count {dims} entries as ferry's torch reader counts them; it accepts at most {MAX_TENSOR_DIMS} in one file (MAX_TENSOR_DIMS)"
+        )));
     }
     Ok(())
 }

@@ -196,7 +196,9 @@ fn find_directory(bytes: &[u8], what: &str) -> Result<Directory> {
 }
 
 /// Reads the central directory of a stored-only zip archive held in `bytes`. Every entry's data
-/// range is checked to lie within `bytes`; names are UTF-8 and unique.
+/// range is checked to lie within `bytes`; names are UTF-8 and unique; records (local header and
+/// data) do not overlap each other or the central directory, so no entry aliases another's bytes
+/// and the entries' data together is at most the archive's size.
 pub(crate) fn read_entries(bytes: &[u8], what: &str) -> Result<Vec<ZipEntry>> {
     let dir = find_directory(bytes, what)?;
     let start = to_usize(dir.offset, what, "central directory offset")?;
@@ -219,6 +221,8 @@ pub(crate) fn read_entries(bytes: &[u8], what: &str) -> Result<Vec<ZipEntry>> {
     // Bounded by the two checks above.
     let mut entries: Vec<ZipEntry> = Vec::with_capacity(dir.entries as usize);
     let mut names = std::collections::HashSet::with_capacity(dir.entries as usize);
+    // (local header offset, data end, entry index) of every record, for the overlap check.
+    let mut records: Vec<(usize, usize, usize)> = Vec::with_capacity(dir.entries as usize);
     let mut c = Cursor::at(bytes, start);
     for index in 0..dir.entries {
         let header = c.pos;
@@ -325,9 +329,50 @@ pub(crate) fn read_entries(bytes: &[u8], what: &str) -> Result<Vec<ZipEntry>> {
         if !names.insert(name.clone()) {
             return Err(corrupt(what, format!("entry {name:?} appears twice")));
         }
+        records.push((local, data_end, entries.len()));
         entries.push(ZipEntry { name, data: data_start..data_end, crc32 });
     }
+    check_disjoint(&entries, &mut records, start, what)?;
     Ok(entries)
+}
+
+/// Refuses records (`(local header offset, data end, entry index)`) that overlap each other or
+/// run into the central directory at `directory`: a crafted archive could otherwise point a
+/// storage at `data.pkl`'s bytes, or many entries at the same bytes (which would also make
+/// checksum verification quadratic).
+fn check_disjoint(
+    entries: &[ZipEntry],
+    records: &mut [(usize, usize, usize)],
+    directory: usize,
+    what: &str,
+) -> Result<()> {
+    records.sort_unstable();
+    let name = |i: usize| entries.get(i).map_or("?", |e| e.name.as_str());
+    for pair in records.windows(2) {
+        let [(a_start, a_end, a), (b_start, b_end, b)] = *pair else { continue };
+        if b_start < a_end {
+            return Err(corrupt(
+                what,
+                format!(
+                    "entries {:?} (bytes {a_start}..{a_end}) and {:?} (bytes {b_start}..{b_end}) overlap",
+                    name(a),
+                    name(b)
+                ),
+            ));
+        }
+    }
+    if let Some(&(last_start, last_end, last)) = records.last()
+        && last_end > directory
+    {
+        return Err(corrupt(
+            what,
+            format!(
+                "entry {:?} (bytes {last_start}..{last_end}) runs into the central directory at offset {directory}",
+                name(last)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// libstdc++/boost `hash_combine`, as torch's `c10::hash_combine` computes it on 64-bit hosts.

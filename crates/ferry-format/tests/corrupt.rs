@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fixtures, raw_entries, zip_stored};
+use common::{fixtures, pkl, raw_entries, zip_stored};
 use ferry_core::{DType, Error, TensorView};
 use ferry_format::{FileFormat, OpenOptions, TensorFile, torch_zip_bytes};
 
@@ -119,16 +119,16 @@ fn storage_shorter_than_its_shape() {
     // The entry is missing altogether.
     let pkl = tensor_pickle("t", b"K\x04", b"K\x00", b"K\x04\x85", b"K\x01\x85");
     let msg = torch_err(with_pickle(&pkl, &[]));
-    assert_has(&msg, &["storage data/0 of tensor \"t\" is missing"]);
+    assert_has(&msg, &["storage \"data/0\" of tensor \"t\" is missing"]);
 }
 
 #[test]
 fn disallowed_globals_are_refused_before_anything_runs() {
     let pkl = b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00echoq\x01\x85q\x02Rq\x03.";
     let msg = torch_err(with_pickle(pkl, &[]));
-    assert_has(&msg, &["disallowed global os.system", "ferry only rebuilds tensors"]);
+    assert_has(&msg, &["disallowed global \"os.system\"", "ferry only rebuilds tensors"]);
     let pkl = b"\x80\x02X\x08\x00\x00\x00builtinsX\x04\x00\x00\x00eval\x93.";
-    assert_has(&torch_err(with_pickle(pkl, &[])), &["disallowed global builtins.eval"]);
+    assert_has(&torch_err(with_pickle(pkl, &[])), &["disallowed global \"builtins.eval\""]);
     let pkl = b"\x80\x02ctorch\nComplexFloatStorage\n.";
     assert_has(&torch_err(with_pickle(pkl, &[])), &["torch.ComplexFloatStorage", "complex64", "not support"]);
 }
@@ -247,4 +247,235 @@ fn writer_rejects_bad_arguments() {
     assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("appears twice"), "{err}");
     let err = ferry_format::torch_zip_bytes_named("a/b", &[("x", v)]).unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+}
+
+/// A ones tuple of `n` (shape or strides of a size-1 tensor of `n` dimensions).
+fn ones(n: usize) -> Vec<u64> {
+    vec![1; n]
+}
+
+#[test]
+fn one_memoized_record_under_many_names_is_bounded() {
+    use ferry_format::limits::{MAX_TENSOR_DIMS, MAX_TENSORS};
+    let storage = [0u8; 4];
+    // More names than MAX_TENSORS, all the same 1-dimensional record.
+    let record = pkl::tensor("0", 1, &[1], &[1]);
+    let pickle = pkl::shared_tensor_dict(&record, MAX_TENSORS + 1);
+    assert_has(&torch_err(with_pickle(&pickle, &[("0", &storage)])), &["MAX_TENSORS", &MAX_TENSORS.to_string()]);
+    // Up to the limit is fine (and the record is shared, not copied).
+    let pickle = pkl::shared_tensor_dict(&record, 1000);
+    let f = TensorFile::from_bytes(with_pickle(&pickle, &[("0", &storage)]), FileFormat::TorchZip, "ok").unwrap();
+    assert_eq!(f.len(), 1000);
+    // A 64-dimensional record under 20 000 names: 2.56 million shape and stride entries.
+    let record = pkl::tensor("0", 1, &ones(64), &ones(64));
+    let pickle = pkl::shared_tensor_dict(&record, 20_000);
+    assert_has(
+        &torch_err(with_pickle(&pickle, &[("0", &storage)])),
+        &["MAX_TENSOR_DIMS", &MAX_TENSOR_DIMS.to_string()],
+    );
+}
+
+/// `{callable: args}`, then `n` tensor records rebuilt from the memoized callable and arguments
+/// (kept alive as keys and values of the same dict; `n` even).
+fn many_rebuilds(args: &[u8], n: usize) -> Vec<u8> {
+    let mut p = b"\x80\x02}q\x00".to_vec();
+    p.extend_from_slice(pkl::REBUILD);
+    p.extend_from_slice(b"q\x01");
+    p.extend_from_slice(args);
+    p.extend_from_slice(b"q\x02s");
+    let mut i = 0;
+    while i < n {
+        p.push(b'(');
+        for _ in 0..1000.min(n - i) {
+            p.extend_from_slice(b"h\x01h\x02R");
+            i += 1;
+        }
+        p.push(b'u');
+    }
+    p.push(b'.');
+    p
+}
+
+#[test]
+fn records_rebuilt_from_memoized_arguments_are_bounded() {
+    use ferry_format::limits::MAX_TENSORS;
+    let storage = [0u8; 4];
+    // Each REDUCE builds a record's shape and strides from one memoized tuple.
+    let args = pkl::args("0", 1, &ones(64), &ones(64));
+    let msg = torch_err(with_pickle(&many_rebuilds(&args, 20_000), &[("0", &storage)]));
+    assert_has(&msg, &["MAX_TENSOR_DIMS"]);
+    let args = pkl::args("0", 1, &[], &[]);
+    let msg = torch_err(with_pickle(&many_rebuilds(&args, MAX_TENSORS + 2), &[("0", &storage)]));
+    assert_has(&msg, &["MAX_TENSORS", "tensor records"]);
+}
+
+#[test]
+fn overlapping_views_are_bounded_per_file() {
+    use ferry_format::limits::MAX_EXPANDED_VIEW_BYTES;
+    let storage = [0u8; 4];
+    // Each view materialises exactly the per-view limit (2^28 float32 elements, stride 0).
+    let n = MAX_EXPANDED_VIEW_BYTES / 4;
+    let dict = |count: usize| {
+        let mut p = b"\x80\x02}q\x00(".to_vec();
+        for i in 0..count {
+            p.extend(pkl::str(&format!("e{i}")));
+            p.extend(pkl::tensor("0", 1, &[n], &[0]));
+        }
+        p.extend_from_slice(b"u.");
+        with_pickle(&p, &[("0", &storage)])
+    };
+    let one = TensorFile::from_bytes(dict(1), FileFormat::TorchZip, "one").unwrap();
+    assert_eq!(one.spec("e0").unwrap().shape, [n]);
+    let err = TensorFile::from_bytes(dict(64), FileFormat::TorchZip, "many").unwrap_err().to_string();
+    assert_has(&err, &["\"e1\"", "overlapping view", "MAX_EXPANDED_VIEW_BYTES", "per file"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn non_regular_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let zero = dir.path().join("zero.ckpt");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let folder = dir.path().join("folder.ckpt");
+    std::fs::create_dir(&folder).unwrap();
+    let fifo = dir.path().join("fifo.ckpt.gz");
+    let have_fifo = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+    let mut cases = vec![(zero, "a character device"), (folder, "a directory")];
+    if have_fifo {
+        cases.push((fifo, "a FIFO"));
+    }
+    for (path, kind) in cases {
+        for options in [OpenOptions::default(), OpenOptions { map: false, ..OpenOptions::default() }] {
+            let err = TensorFile::open_with(&path, &options).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+            assert_has(&err.to_string(), &["not a regular file", kind]);
+        }
+        assert_has(&FileFormat::detect(&path).unwrap_err().to_string(), &["not a regular file"]);
+    }
+    // A symlink to a regular file is followed.
+    let real = dir.path().join("real.ckpt");
+    std::fs::write(&real, eagle3()).unwrap();
+    let link = dir.path().join("link.ckpt");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    assert!(TensorFile::open(&link).is_ok());
+}
+
+/// The central-directory entry of `name` in a `zip_stored` archive.
+fn central_entry(z: &[u8], name: &str) -> usize {
+    let mut at = raw_central_offset(z);
+    loop {
+        let name_len = u16::from_le_bytes([z[at + 28], z[at + 29]]) as usize;
+        if &z[at + 46..at + 46 + name_len] == name.as_bytes() {
+            return at;
+        }
+        at += 46 + name_len;
+    }
+}
+
+fn set_size(z: &mut [u8], name: &str, size: u32) {
+    let at = central_entry(z, name);
+    z[at + 20..at + 24].copy_from_slice(&size.to_le_bytes());
+    z[at + 24..at + 28].copy_from_slice(&size.to_le_bytes());
+}
+
+#[test]
+fn overlapping_zip_entries_are_refused() {
+    let pkl = pkl::shared_tensor_dict(&pkl::tensor("0", 1, &[1], &[1]), 1);
+    let base = with_pickle(&pkl, &[("0", &[0u8; 4])]);
+    let cd = raw_central_offset(&base);
+    // data.pkl's size grown over the storage's record (up to the central directory).
+    let mut z = base.clone();
+    let pkl_start = 30 + "archive/data.pkl".len();
+    set_size(&mut z, "archive/data.pkl", (cd - pkl_start) as u32);
+    assert_has(&torch_err(z), &["\"archive/data.pkl\"", "\"archive/data/0\"", "overlap"]);
+    // The last entry's data running into the central directory.
+    let mut z = base.clone();
+    set_size(&mut z, "archive/data/0", 40);
+    assert_has(&torch_err(z), &["\"archive/data/0\"", "runs into the central directory"]);
+    assert!(TensorFile::from_bytes(base, FileFormat::TorchZip, "ok").unwrap().verify_checksums().is_ok());
+}
+
+#[test]
+fn gzip_nul_padding_after_the_last_member_is_accepted() {
+    let gz = std::fs::read(fixtures().join("specforge-offline-eagle3/rows_2-4/data_2.ckpt.gz")).unwrap();
+    let plain = TensorFile::from_bytes(gz.clone(), FileFormat::TorchZipGz, "gz").unwrap();
+    let mut padded = gz.clone();
+    padded.extend([0u8; 4096]);
+    let f = TensorFile::from_bytes(padded.clone(), FileFormat::TorchZipGz, "padded").unwrap();
+    assert_eq!(f.specs(), plain.specs());
+    for name in plain.names() {
+        assert_eq!(f.tensor(name).unwrap().bytes(), plain.tensor(name).unwrap().bytes());
+    }
+    // Through a file, too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("padded.ckpt.gz");
+    std::fs::write(&path, &padded).unwrap();
+    assert_eq!(TensorFile::open(&path).unwrap().specs(), plain.specs());
+    // Only NULs: anything else after the last member is not a gzip header.
+    padded.extend_from_slice(b"junk");
+    assert_has(&error_of(padded, FileFormat::TorchZipGz), &["gzip", "corrupt"]);
+    assert_eq!(OpenOptions::default().max_decompressed_bytes, 16 << 30);
+}
+
+/// The error of a writer call that must fail (without printing the bytes it wrote otherwise).
+fn write_err(result: ferry_core::Result<Vec<u8>>) -> Error {
+    match result {
+        Ok(bytes) => panic!("the writer accepted the tensors ({} bytes written)", bytes.len()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn writers_refuse_what_the_reader_would_refuse() {
+    use ferry_format::limits::{MAX_PICKLE_STRING, MAX_TENSORS};
+    let d = [0u8; 4];
+    let v = TensorView::new(DType::Float32, &[1], &d).unwrap();
+    let long = "n".repeat(MAX_PICKLE_STRING + 1);
+    let err = write_err(torch_zip_bytes(&[(long.as_str(), v)]));
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_has(&err.to_string(), &["MAX_PICKLE_STRING", &(MAX_PICKLE_STRING + 1).to_string()]);
+    // The longest accepted name reads back.
+    let longest = &long[..MAX_PICKLE_STRING];
+    let bytes = torch_zip_bytes(&[(longest, v)]).unwrap();
+    assert!(TensorFile::from_bytes(bytes, FileFormat::TorchZip, "ok").unwrap().tensor(longest).is_ok());
+    // More tensors than the reader accepts.
+    let names: Vec<String> = (0..=MAX_TENSORS).map(|i| format!("t{i}")).collect();
+    let many: Vec<(&str, TensorView<'_>)> = names.iter().map(|n| (n.as_str(), v)).collect();
+    assert_has(&write_err(torch_zip_bytes(&many)).to_string(), &["MAX_TENSORS"]);
+    // More shape and stride entries than it accepts.
+    let shape = vec![1u64; 64];
+    let wide = TensorView::new(DType::Float32, &shape, &d).unwrap();
+    let many: Vec<(&str, TensorView<'_>)> = names[..9000].iter().map(|n| (n.as_str(), wide)).collect();
+    assert_has(&write_err(torch_zip_bytes(&many)).to_string(), &["MAX_TENSOR_DIMS"]);
+}
+
+#[test]
+fn names_from_the_file_are_escaped_in_messages() {
+    let evil = "x\n\u{1b}[2J\rcorrupt";
+    let mut messages = Vec::new();
+    // A STACK_GLOBAL module and name.
+    let mut p = b"\x80\x02".to_vec();
+    p.extend(pkl::str(evil));
+    p.extend(pkl::str(evil));
+    p.extend_from_slice(b"\x93.");
+    messages.push((torch_err(with_pickle(&p, &[])), "disallowed global"));
+    let mut p = b"\x80\x02".to_vec();
+    p.extend(pkl::str("torch"));
+    p.extend(pkl::str(&format!("{evil}Storage")));
+    p.extend_from_slice(b"\x93.");
+    messages.push((torch_err(with_pickle(&p, &[])), "unsupported storage class"));
+    // Zip entry names, storage keys and tensor names.
+    messages.push((torch_err(zip_stored(&[(&format!("a/{evil}"), b"x")], 0)), "no <archive>/data.pkl"));
+    let pickle = pkl::shared_tensor_dict(&pkl::tensor(evil, 1, &[1], &[1]), 1);
+    messages.push((torch_err(with_pickle(&pickle, &[])), "is missing"));
+    let mut p = b"\x80\x02}q\x00".to_vec();
+    p.extend(pkl::str(evil));
+    p.extend(pkl::tensor("0", 1, &[1], &[1]));
+    p.extend_from_slice(b"s.");
+    let f = TensorFile::from_bytes(with_pickle(&p, &[("0", &[0u8; 4])]), FileFormat::TorchZip, "ok").unwrap();
+    messages.push((f.tensor("absent").unwrap_err().to_string(), "it holds"));
+    for (msg, what) in messages {
+        assert_has(&msg, &[what, "x\\n\\u{1b}[2J\\rcorrupt"]);
+        assert!(!msg.contains(['\u{1b}', '\n', '\r']), "{msg:?}");
+    }
 }

@@ -88,6 +88,7 @@ pub struct FeatureLoaderBuilder {
     join_timeout: Duration,
     batch_pool_bytes: u64,
     sharding: Option<DpSharding>,
+    max_len: Option<u64>,
 }
 
 impl std::fmt::Debug for FeatureLoaderBuilder {
@@ -170,6 +171,14 @@ impl FeatureLoaderBuilder {
         self
     }
 
+    /// Cuts offline samples to `max_len` tokens (strategies that cut, as SpecForge's offline
+    /// datasets do: EAGLE3, DFlash, Domino). Without it each offline ref's `metadata.max_len`
+    /// is used, which SpecForge's offline refs always carry. Only the kept tokens are read.
+    pub fn max_len(mut self, max_len: u64) -> Self {
+        self.max_len = Some(max_len);
+        self
+    }
+
     /// Checks the options and builds the loader.
     pub fn build(self) -> Result<FeatureLoader> {
         if self.batch_size == 0 {
@@ -186,6 +195,7 @@ impl FeatureLoaderBuilder {
             transform: self.transform,
             pool: BufferPool::new(self.batch_pool_bytes),
             gc: self.gc_interval.map(GcTimer::new),
+            max_len: self.max_len,
         };
         Ok(FeatureLoader {
             ctx: Arc::new(ctx),
@@ -244,6 +254,7 @@ impl FeatureLoader {
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             batch_pool_bytes: DEFAULT_BATCH_POOL_BYTES,
             sharding: None,
+            max_len: None,
         }
     }
 

@@ -8,17 +8,22 @@
 //!    collation plan sizes the batch tensors (the `collate` module). Then, per ref in order,
 //!    `get_into` reads straight into that sample's row prefix of every batch tensor (the one
 //!    copy of the path), the padding tail is filled, and the handle is released at once.
-//! 3. With a transform: per ref, `get` into owned buffers, release at once, rename, run the
-//!    transform; then plan from the transformed shapes and copy into the batch. This path costs
-//!    one more copy per byte (store → owned sample → batch), the price of letting the transform
-//!    see and change whole tensors.
+//! 3. With a transform: per ref, describe it, read it into owned pooled buffers, release at
+//!    once, run the transform; then plan from the transformed shapes and copy into the batch.
+//!    This path costs one more copy per byte (store → owned sample → batch), the price of
+//!    letting the transform see and change whole tensors.
+//!
+//! Offline samples are first processed as SpecForge's offline datasets process them (the
+//! strategy says how): cut to `max_len` tokens (only the kept prefix is read, with
+//! `get_prefix_into`), and for EAGLE3 the loss mask of the last kept token set to 0. The
+//! transform, if any, sees the processed sample, as SpecForge's transform does.
 //!
 //! Leases: a handle is released right after its read, before any later step can fail, and a
 //! failed `get_into`/`get` holds none (the store drops it). So a failure anywhere leaves no
 //! lease behind.
 
 use crate::collate::{self, BatchPlan, FeatureEntry, SampleFeatures};
-use crate::strategies::Strategy;
+use crate::strategies::{Layout, Strategy};
 use crate::validate::validate_batch;
 use ferry_core::{BufferPool, Error, JsonMap, Result, SampleId, SampleRef, TensorBuf, TrainBatch};
 use ferry_store::FeatureStore;
@@ -80,6 +85,8 @@ pub(crate) struct BatchContext {
     pub(crate) transform: Option<Arc<SampleTransform>>,
     pub(crate) pool: BufferPool,
     pub(crate) gc: Option<GcTimer>,
+    /// Offline samples are cut to this many tokens (else to their ref's `metadata.max_len`).
+    pub(crate) max_len: Option<u64>,
 }
 
 /// Materializes one batch; `Ok(None)` if `stop` was raised before it finished (the pass was
@@ -116,11 +123,51 @@ fn store_names(r: &SampleRef) -> Result<Vec<&str>> {
     Ok(r.feature_keys.keys().map(String::as_str).collect())
 }
 
-/// Describes one ref: its features under batch names with the store's specs.
-fn describe(ctx: &BatchContext, r: &SampleRef) -> Result<SampleFeatures> {
+/// One ref, described: its features under batch names with the shapes the batch will hold
+/// (offline samples already cut to `max_len`), and the feature to zero at the last token.
+struct Described {
+    features: SampleFeatures,
+    /// Batch name of the per-token feature whose last kept value is set to zero.
+    zero_last: Option<&'static str>,
+}
+
+/// The token cut for a ref: the loader's `max_len`, else the ref's `metadata.max_len`.
+fn cut_for(ctx: &BatchContext, r: &SampleRef) -> Result<Option<u64>> {
+    if let Some(n) = ctx.max_len {
+        return Ok(Some(n));
+    }
+    match r.metadata.get("max_len") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "sample {}: metadata.max_len is {v}, not a non-negative integer; fix the ref or set the loader's max_len",
+                r.sample_id
+            ))
+        }),
+    }
+}
+
+/// Cuts a per-token shape to `cut` tokens (`(L)`, `(1, L)`, `(L, D)` or `(1, L, D)`).
+fn cut_shape(layout: Layout, shape: &mut [u64], cut: u64) {
+    let axis = match (layout, shape.len()) {
+        (Layout::Tokens, 1) | (Layout::TokenRows, 2) => Some(0),
+        (Layout::Tokens, 2) | (Layout::TokenRows, 3) if shape[0] == 1 => Some(1),
+        _ => None,
+    };
+    if let Some(axis) = axis {
+        shape[axis] = shape[axis].min(cut);
+    }
+}
+
+/// Describes one ref: its features under batch names with the store's specs, processed as the
+/// strategy processes offline samples.
+fn describe(ctx: &BatchContext, r: &SampleRef) -> Result<Described> {
     let specs = ctx.store.describe(r)?;
     let names = store_names(r)?;
-    let mapped = ctx.strategy.map_features(r.sample_id.as_str(), &r.metadata, &names)?;
+    let strategy = &ctx.strategy;
+    let mapped = strategy.map_features(r.sample_id.as_str(), &r.metadata, &names)?;
+    let offline = strategy.is_offline_sample(&r.metadata, names.iter().copied());
+    let cut = if offline && strategy.offline_cut_to_max_len { cut_for(ctx, r)? } else { None };
     let mut features = Vec::with_capacity(mapped.len());
     for (batch_name, store_name) in mapped {
         let spec = specs.get(store_name).ok_or_else(|| Error::NotFound {
@@ -130,24 +177,41 @@ fn describe(ctx: &BatchContext, r: &SampleRef) -> Result<SampleFeatures> {
                 specs.keys().collect::<Vec<_>>()
             ),
         })?;
+        let mut shape = spec.shape.clone();
+        if let (Some(cut), Some(rule)) = (cut, strategy.rule(batch_name)) {
+            cut_shape(rule.layout, &mut shape, cut);
+        }
         features.push(FeatureEntry {
             batch_name: batch_name.to_owned(),
             store_name: store_name.to_owned(),
             dtype: spec.dtype()?,
-            shape: spec.shape.clone(),
+            shape,
         });
     }
-    Ok(SampleFeatures { sample_id: r.sample_id.clone(), features })
+    let zero_last = if offline { strategy.offline_zero_last } else { None };
+    Ok(Described { features: SampleFeatures { sample_id: r.sample_id.clone(), features }, zero_last })
 }
 
-/// The zero-copy path: plan from specs, then `get_into` each sample's row prefixes.
+/// Zeroes the last element of a sample's per-token feature (its bytes as read).
+fn zero_last_element(data: &mut [u8], dtype: ferry_core::DType) {
+    let elem = dtype.size();
+    if data.len() >= elem {
+        let start = data.len() - elem;
+        data[start..].fill(0);
+    }
+}
+
+/// The zero-copy path: plan from specs, then read each sample's (possibly cut) features
+/// straight into its row prefixes.
 fn read_into_batch(
     ctx: &BatchContext,
     refs: &[SampleRef],
     stop: &AtomicBool,
 ) -> Result<Option<IndexMap<String, TensorBuf>>> {
     let described = refs.iter().map(|r| describe(ctx, r)).collect::<Result<Vec<_>>>()?;
-    let plan = collate::plan_batch(&ctx.strategy, &described)?;
+    let zero_last: Vec<Option<&'static str>> = described.iter().map(|d| d.zero_last).collect();
+    let samples: Vec<SampleFeatures> = described.into_iter().map(|d| d.features).collect();
+    let plan = collate::plan_batch(&ctx.strategy, &samples)?;
     let mut buffers = plan.allocate(&ctx.pool)?;
     {
         let mut column_rows: Vec<std::vec::IntoIter<&mut [u8]>> = buffers
@@ -167,8 +231,13 @@ fn read_into_batch(
                 let name = column.store_names.get(i).map(String::as_str).unwrap_or_default();
                 dsts.push((name, data));
             }
-            let handle = ctx.store.get_into(r, &mut dsts)?;
+            let handle = ctx.store.get_prefix_into(r, &mut dsts)?;
             ctx.store.release(&handle)?;
+            if let Some(name) = zero_last[i]
+                && let Some(c) = plan.columns.iter().position(|c| c.name == name)
+            {
+                zero_last_element(dsts[c].1, plan.columns[c].dtype);
+            }
             if let Some(gc) = &ctx.gc {
                 gc.maybe_run(&ctx.store);
             }
@@ -193,19 +262,41 @@ fn read_transform_copy(
         if stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let names = store_names(r)?;
-        let mapped = ctx.strategy.map_features(r.sample_id.as_str(), &r.metadata, &names)?;
-        let (mut fetched, handle) = ctx.store.get(r, Some(&names))?;
-        ctx.store.release(&handle)?;
+        let described = describe(ctx, r)?;
+        let mut bufs = Vec::with_capacity(described.features.features.len());
+        for f in &described.features.features {
+            let len = ferry_core::contracts::checked_numel(&f.shape)
+                .and_then(|n| n.checked_mul(f.dtype.size() as u64))
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| Error::InvalidArgument(format!("feature {:?} is too large", f.batch_name)))?;
+            let buf = ctx.pool.try_take(len).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "cannot allocate {len} bytes for feature {:?} of sample {}; memory is exhausted",
+                    f.batch_name, r.sample_id
+                ))
+            })?;
+            bufs.push(buf);
+        }
+        {
+            let mut dsts: Vec<(&str, &mut [u8])> = described
+                .features
+                .features
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(f, b)| (f.store_name.as_str(), b.as_mut_slice()))
+                .collect();
+            let handle = ctx.store.get_prefix_into(r, &mut dsts)?;
+            ctx.store.release(&handle)?;
+        }
         if let Some(gc) = &ctx.gc {
             gc.maybe_run(&ctx.store);
         }
-        let mut tensors = IndexMap::with_capacity(mapped.len());
-        for (batch_name, store_name) in mapped {
-            let tensor = fetched
-                .shift_remove(store_name)
-                .ok_or_else(|| Error::NotFound { what: format!("feature {store_name:?} of sample {}", r.sample_id) })?;
-            tensors.insert(batch_name.to_owned(), tensor);
+        let mut tensors = IndexMap::with_capacity(bufs.len());
+        for (f, mut buf) in described.features.features.into_iter().zip(bufs) {
+            if described.zero_last == Some(f.batch_name.as_str()) {
+                zero_last_element(buf.as_mut_slice(), f.dtype);
+            }
+            tensors.insert(f.batch_name, TensorBuf::new(f.dtype, f.shape, buf)?);
         }
         let mut sample = Sample { sample_id: r.sample_id.clone(), metadata: r.metadata.clone(), tensors };
         transform(&mut sample)?;

@@ -19,7 +19,10 @@
 //! `hidden_state` (the draft's input) and the file's `hidden_state` (the last layer) becomes
 //! `target`. Online refs already use the batch names.
 //!
-//! Every sequence is padded at the end of its token axis to the longest sample in the batch.
+//! Offline samples are processed as SpecForge's offline datasets process them before collation:
+//! every per-token feature is cut to `max_len` tokens, and for EAGLE3 the loss mask of the last
+//! kept token is set to 0. Every sequence is then padded at the end of its token axis to the
+//! longest sample in the batch.
 //!
 //! # Adding an algorithm
 //!
@@ -39,6 +42,8 @@
 //!         FeatureRule::token_rows("hidden_state"),
 //!     ],
 //!     attention_mask: AttentionMask::Generate { name: "attention_mask" },
+//!     offline_cut_to_max_len: true,
+//!     offline_zero_last: None,
 //! };
 //!
 //! let mut registry = StrategyRegistry::builtin();
@@ -142,6 +147,13 @@ pub struct Strategy {
     pub features: &'static [FeatureRule],
     /// Whether to generate an attention mask.
     pub attention_mask: AttentionMask,
+    /// Whether samples in the offline layout are cut to `max_len` tokens (the loader's
+    /// `max_len`, else the ref's `metadata.max_len`), as SpecForge's offline datasets cut them.
+    pub offline_cut_to_max_len: bool,
+    /// A per-token feature (batch name) whose value at an offline sample's last kept token is
+    /// set to zero (SpecForge's EAGLE3 offline transform: `loss_mask[0, -1] = 0`, since the last
+    /// token has no next token to predict).
+    pub offline_zero_last: Option<&'static str>,
 }
 
 /// EAGLE3: see the module doc for its two layouts and the offline role swap.
@@ -158,6 +170,8 @@ pub const EAGLE3: Strategy = Strategy {
         FeatureRule::token_rows("target"),
     ],
     attention_mask: AttentionMask::Generate { name: "attention_mask" },
+    offline_cut_to_max_len: true,
+    offline_zero_last: Some("loss_mask"),
 };
 
 /// DFlash: `hidden_states` concatenates K target capture layers.
@@ -172,6 +186,9 @@ pub const DFLASH: Strategy = Strategy {
         FeatureRule::token_rows("hidden_states"),
     ],
     attention_mask: AttentionMask::Generate { name: "attention_mask" },
+    // SpecForge's DFlash offline processing cuts to max_len and keeps the loss mask as it is.
+    offline_cut_to_max_len: true,
+    offline_zero_last: None,
 };
 
 /// Domino: DFlash's schema under its own name.
@@ -208,6 +225,11 @@ impl Strategy {
             if self.rule(batch).is_none() {
                 return bad(format!("raw key {raw:?} is renamed to {batch:?}, which has no feature rule"));
             }
+        }
+        if let Some(name) = self.offline_zero_last
+            && self.rule(name).is_none_or(|r| r.layout != Layout::Tokens)
+        {
+            return bad(format!("its offline_zero_last feature {name:?} must have a Tokens rule"));
         }
         if let AttentionMask::Generate { name } = self.attention_mask
             && let Some(rule) = self.rule(name)

@@ -52,7 +52,7 @@ fn four_samples_in_batches_of_two_give_two_eagle3_batches_with_swapped_roles() {
         for i in 0..2 {
             let data = &fixture.samples[b * 2 + i];
             assert_eq!(row::<i64>(&batch.tensors["input_ids"], i), data.input_ids);
-            assert_eq!(row::<i64>(&batch.tensors["loss_mask"], i), data.loss_mask);
+            assert_eq!(row::<i64>(&batch.tensors["loss_mask"], i), specforge_loss_mask(&data.loss_mask));
             // The file's aux states feed the draft; its last hidden state is the target.
             assert_eq!(row::<bf16>(&batch.tensors["hidden_state"], i), data.aux_hidden_state);
             assert_eq!(row::<bf16>(&batch.tensors["target"], i), data.hidden_state);
@@ -245,7 +245,7 @@ fn variable_lengths_pad_to_the_longest_with_a_correct_mask_and_zero_padding() {
             let data = &fixture.samples[b * 2 + i];
             let len = data.len as usize;
             assert_eq!(row::<i64>(&batch.tensors["input_ids"], i), padded(&data.input_ids, 5));
-            assert_eq!(row::<i64>(&batch.tensors["loss_mask"], i), padded(&data.loss_mask, 5));
+            assert_eq!(row::<i64>(&batch.tensors["loss_mask"], i), padded(&specforge_loss_mask(&data.loss_mask), 5));
             assert_eq!(row::<bf16>(&batch.tensors["hidden_state"], i), padded(&data.aux_hidden_state, 5 * 12));
             assert_eq!(row::<bf16>(&batch.tensors["target"], i), padded(&data.hidden_state, 5 * 4));
             let mask: Vec<i64> = (0..5).map(|j| i64::from(j < len)).collect();

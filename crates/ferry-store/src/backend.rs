@@ -9,9 +9,10 @@
 //!
 //! Contracts every implementation keeps (tested for every backend by the shared suite):
 //! * [`ByteBackend::write`] is all or nothing: on error no object of that generation is visible.
-//! * [`ByteBackend::read_into`] writes only into `dst` and returns the number of bytes the object
-//!   has, up to `dst.len()`; an object shorter than `dst` returns fewer bytes (the core turns that
-//!   into [`ferry_core::Error::ShortRead`]); a missing object is [`ferry_core::Error::NotFound`].
+//! * [`ByteBackend::read_into`] copies the object's first `min(size, dst.len())` bytes into `dst`
+//!   and returns the object's full size. The core compares that size with the ref's spec (fewer
+//!   bytes is [`ferry_core::Error::ShortRead`], more is [`ferry_core::Error::Corrupt`]), so a
+//!   reader may ask for a prefix; a missing object is [`ferry_core::Error::NotFound`].
 //! * [`ByteBackend::remove`] may fail (the core retries it later) or be deferred (the bytes may
 //!   linger; the core keeps refusing reads of that generation).
 
@@ -94,11 +95,11 @@ pub trait ByteBackend: Send + Sync + 'static {
     /// Writes every object of one sample generation, all or nothing.
     fn write(&self, sample: SampleKey<'_>, objects: &[ObjectData<'_>]) -> Result<()>;
 
-    /// Reads one object into `dst`; returns the object's byte count, at most `dst.len()`.
+    /// Copies the object's first `min(size, dst.len())` bytes into `dst`; returns its full size.
     fn read_into(&self, object: ObjectKey<'_>, dst: &mut [u8]) -> Result<usize>;
 
     /// Reads several objects of one sample generation, each into its buffer; returns each
-    /// object's byte count as [`ByteBackend::read_into`] does. Backends that keep a sample in
+    /// object's full size as [`ByteBackend::read_into`] does. Backends that keep a sample in
     /// one file override it to open and parse that file once.
     fn read_many(&self, sample: SampleKey<'_>, reads: &mut [(&str, &mut [u8])]) -> Result<Vec<usize>> {
         reads.iter_mut().map(|(name, dst)| self.read_into(sample.object(name), dst)).collect()

@@ -238,24 +238,12 @@ impl ByteBackend for SharedDirBackend {
         let mut counts = Vec::with_capacity(reads.len());
         for (name, dst) in reads.iter_mut() {
             let object = sample.object(name);
-            let tensor = match file.tensor(name) {
-                Ok(t) => t,
+            let held = match crate::file_read::copy_tensor_prefix(&file, name, dst) {
+                Ok(held) => held,
                 Err(Error::NotFound { .. }) => return Err(Error::NotFound { what: format!("object {object}") }),
                 Err(e) => return Err(e),
             };
-            let src = tensor.view().bytes();
-            if src.len() > dst.len() {
-                return Err(Error::Corrupt {
-                    what: format!("object {object}"),
-                    message: format!(
-                        "holds {} bytes but its spec needs {}; the ref does not describe this file",
-                        src.len(),
-                        dst.len()
-                    ),
-                });
-            }
-            dst[..src.len()].copy_from_slice(src);
-            counts.push(src.len());
+            counts.push(usize::try_from(held).unwrap_or(usize::MAX));
         }
         Ok(counts)
     }

@@ -38,6 +38,7 @@ pub mod backend;
 pub mod bench;
 pub mod clock;
 pub mod dir;
+mod file_read;
 pub mod lifecycle;
 pub mod mem;
 pub mod offline;

@@ -110,17 +110,8 @@ impl ByteBackend for MemoryBackend {
 
     fn read_into(&self, object: ObjectKey<'_>, dst: &mut [u8]) -> Result<usize> {
         let buf = self.lookup(object)?.ok_or_else(|| Error::NotFound { what: format!("object {object}") })?;
-        if buf.len() > dst.len() {
-            return Err(Error::Corrupt {
-                what: format!("object {object}"),
-                message: format!(
-                    "holds {} bytes but its spec needs {}; the ref does not describe this object",
-                    buf.len(),
-                    dst.len()
-                ),
-            });
-        }
-        dst[..buf.len()].copy_from_slice(&buf);
+        let n = buf.len().min(dst.len());
+        dst[..n].copy_from_slice(&buf[..n]);
         Ok(buf.len())
     }
 

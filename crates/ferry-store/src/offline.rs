@@ -81,7 +81,8 @@ fn is_feature_file(name: &str) -> bool {
 }
 
 /// The feature files at `path`: the file itself, or every feature file below a directory
-/// (recursively), as absolute paths in lexicographic order.
+/// (recursively, not following symlinked directories, as `os.walk` does by default), as
+/// absolute paths in lexicographic order. A directory without feature files gives an empty list.
 pub fn list_feature_files(path: &Path) -> Result<Vec<PathBuf>> {
     let root = absolute_path(path)?;
     let meta = std::fs::metadata(&root).map_err(|e| Error::io(format!("reading {}", root.display()), &e))?;
@@ -94,11 +95,14 @@ pub fn list_feature_files(path: &Path) -> Result<Vec<PathBuf>> {
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), &e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), &e))?;
+            // `file_type` does not follow symlinks: like `os.walk` (followlinks=False), a link to
+            // a directory is not descended into (a `ln -s .. up` would loop), while a link to a
+            // file (or a dangling one) is listed as a file.
             let kind = entry.file_type().map_err(|e| Error::io(format!("reading {}", entry.path().display()), &e))?;
             let path = entry.path();
-            if kind.is_dir() || (kind.is_symlink() && path.is_dir()) {
+            if kind.is_dir() {
                 stack.push(path);
-            } else if entry.file_name().to_str().is_some_and(is_feature_file) {
+            } else if entry.file_name().to_str().is_some_and(is_feature_file) && !(kind.is_symlink() && path.is_dir()) {
                 files.push(path);
             }
         }
@@ -152,14 +156,23 @@ pub fn file_ref_path(r: &SampleRef) -> Result<PathBuf> {
 pub fn file_ref_specs(r: &SampleRef) -> Result<IndexMap<String, FeatureSpec>> {
     let path = file_ref_path(r)?;
     let file = ferry_format::TensorFile::open(&path)?;
-    let missing: Vec<&str> = r.feature_keys.values().map(|k| raw_key(k)).filter(|k| file.spec(k).is_err()).collect();
+    file_ref_specs_in(r, &path, &file)
+}
+
+/// [`file_ref_specs`] of a file already opened (`path` names it in errors).
+pub(crate) fn file_ref_specs_in(
+    r: &SampleRef,
+    path: &Path,
+    file: &ferry_format::TensorFile,
+) -> Result<IndexMap<String, FeatureSpec>> {
+    let missing: Vec<String> =
+        r.feature_keys.values().map(|k| raw_key(k)).filter(|k| file.spec(k).is_err()).map(str::to_owned).collect();
     if !missing.is_empty() {
-        return Err(Error::NotFound {
-            what: format!(
-                "{} missing required offline feature keys {missing:?} (sample {})",
-                path.display(),
-                r.sample_id
-            ),
+        return Err(Error::MissingFeatureKeys {
+            path: path.display().to_string(),
+            sample_id: Some(r.sample_id.to_string()),
+            missing,
+            present: file.names().map(str::to_owned).collect(),
         });
     }
     r.feature_keys

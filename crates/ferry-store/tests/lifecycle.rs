@@ -219,6 +219,7 @@ for_each_backend!(
     drain_never_probes_before_its_final_attempt,
     dump_tap_writes_each_put_and_a_failing_dump_does_not_undo_it,
     forged_huge_shapes_are_errors_not_panics_or_giant_allocations,
+    get_prefix_into_reads_leading_bytes_and_still_checks_object_sizes,
 );
 
 fn put_returns_a_tensor_free_ref_with_specs_and_generation(kind: Kind) {
@@ -280,6 +281,38 @@ fn get_into_fills_caller_buffers_and_checks_their_size(kind: Kind) {
     let handle = h.store.get_into(&r, &mut [("hidden_state", &mut hidden[..])]).unwrap();
     assert_eq!(hidden, want.hidden);
     h.store.release(&handle).unwrap();
+}
+
+fn get_prefix_into_reads_leading_bytes_and_still_checks_object_sizes(kind: Kind) {
+    // A loader cutting sequences to max_len reads only the first tokens of each feature.
+    let h = Harness::new(kind);
+    let r = put(&h, "s0", 5);
+    let want = Sample::new(5);
+    let mut hidden = vec![0u8; 2 * 8 * 2]; // 2 of 4 tokens of (1, 4, 8) bf16
+    let mut ids = vec![0u8; 3 * 8]; // 3 of 4 ids
+    let handle =
+        h.store.get_prefix_into(&r, &mut [("hidden_state", &mut hidden[..]), ("input_ids", &mut ids[..])]).unwrap();
+    assert_eq!(hidden, want.hidden[..32]);
+    let expected_ids: Vec<u8> = want.ids[..3].iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(ids, expected_ids);
+    h.store.release(&handle).unwrap();
+    assert_eq!(h.store.health().resident_samples, 0, "a prefix read consumes like any read");
+
+    // A buffer larger than the feature is refused before any lease.
+    let r = put(&h, "s1", 6);
+    let mut big = vec![0u8; want.hidden.len() + 2];
+    let err = h.store.get_prefix_into(&r, &mut [("hidden_state", &mut big[..])]).unwrap_err();
+    assert!(err.to_string().contains("at most 64"), "{err}");
+    assert_eq!(h.store.health().active_leases, 0);
+
+    // The object's full size is still checked: a ref that under-states it is refused.
+    let mut lying = r.clone();
+    lying.feature_specs.get_mut("hidden_state").unwrap().shape = vec![1, 2, 8];
+    let mut two = [0u8; 2 * 8 * 2];
+    let err = h.store.get_prefix_into(&lying, &mut [("hidden_state", &mut two[..])]).unwrap_err();
+    assert!(err.to_string().contains("does not describe"), "{err}");
+    assert_eq!(h.store.health().active_leases, 0);
+    assert_eq!(h.store.health().resident_samples, 1, "a refused read frees nothing");
 }
 
 fn double_release_is_a_noop(kind: Kind) {

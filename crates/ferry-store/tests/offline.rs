@@ -158,3 +158,21 @@ fn shared_dir_store_writes_what_specforge_reads_by_default() {
     assert_eq!(file.tensor("input_ids").unwrap().view().bytes(), &want[..]);
     assert_eq!(r.estimated_bytes, 48);
 }
+
+#[cfg(unix)]
+#[test]
+fn listing_does_not_follow_directory_symlinks_like_os_walk() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("loop/rows");
+    std::fs::create_dir_all(&rows).unwrap();
+    std::fs::write(rows.join("data_0.ckpt"), b"").unwrap();
+    std::os::unix::fs::symlink("..", rows.join("up")).unwrap(); // a cycle
+    std::os::unix::fs::symlink(&rows, dir.path().join("again")).unwrap(); // a second way in
+    std::os::unix::fs::symlink(rows.join("data_0.ckpt"), dir.path().join("link.ckpt")).unwrap(); // a file link
+    let files = list_feature_files(dir.path()).unwrap();
+    let rel: Vec<_> = files.iter().map(|f| f.strip_prefix(dir.path()).unwrap().to_str().unwrap().to_owned()).collect();
+    assert_eq!(rel, ["link.ckpt", "loop/rows/data_0.ckpt"]);
+    // The root itself may be a link to a directory, as os.walk(top) walks it.
+    let via_link = list_feature_files(&dir.path().join("again")).unwrap();
+    assert_eq!(via_link, [dir.path().join("again/data_0.ckpt")]);
+}

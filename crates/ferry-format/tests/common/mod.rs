@@ -176,3 +176,100 @@ pub fn zip_stored(entries: &[(&str, &[u8])], method: u16) -> Vec<u8> {
     out.extend_from_slice(&0u16.to_le_bytes());
     out
 }
+
+/// Crafted `data.pkl` pieces (protocol 2) for tests of hostile files.
+pub mod pkl {
+    /// `BINUNICODE s`.
+    pub fn str(s: &str) -> Vec<u8> {
+        let mut p = vec![b'X'];
+        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        p.extend_from_slice(s.as_bytes());
+        p
+    }
+
+    /// An int below 2^63: `BININT1`, `BININT`, or `LONG1` with 8 bytes.
+    pub fn int(v: u64) -> Vec<u8> {
+        assert!(v < 1 << 63);
+        if v < 256 {
+            vec![b'K', v as u8]
+        } else if v < 1 << 31 {
+            let mut p = vec![b'J'];
+            p.extend_from_slice(&(v as u32).to_le_bytes());
+            p
+        } else {
+            let mut p = vec![0x8a, 8];
+            p.extend_from_slice(&v.to_le_bytes());
+            p
+        }
+    }
+
+    /// `MARK ints TUPLE`.
+    pub fn tuple(values: &[u64]) -> Vec<u8> {
+        let mut p = vec![b'('];
+        for &v in values {
+            p.extend(int(v));
+        }
+        p.push(b't');
+        p
+    }
+
+    /// `_rebuild_tensor_v2` (not called): the callable.
+    pub const REBUILD: &[u8] = b"ctorch._utils\n_rebuild_tensor_v2\n";
+
+    /// The argument tuple of a float32 tensor record over storage `key` of `numel` elements.
+    pub fn args(key: &str, numel: u64, shape: &[u64], strides: &[u64]) -> Vec<u8> {
+        let mut p = b"((".to_vec();
+        p.extend(str("storage"));
+        p.extend_from_slice(b"ctorch\nFloatStorage\n");
+        p.extend(str(key));
+        p.extend(str("cpu"));
+        p.extend(int(numel));
+        p.extend_from_slice(b"tQ");
+        p.extend(int(0));
+        p.extend(tuple(shape));
+        p.extend(tuple(strides));
+        p.extend_from_slice(b"\x89ccollections\nOrderedDict\n)Rt");
+        p
+    }
+
+    /// A whole tensor record: `REBUILD args REDUCE`.
+    pub fn tensor(key: &str, numel: u64, shape: &[u64], strides: &[u64]) -> Vec<u8> {
+        let mut p = REBUILD.to_vec();
+        p.extend(args(key, numel, shape, strides));
+        p.push(b'R');
+        p
+    }
+
+    /// The `i`th of 94^4 distinct 4-character names.
+    pub fn short_name(mut i: usize) -> String {
+        (0..4)
+            .map(|_| {
+                let c = char::from(b'!' + (i % 94) as u8);
+                i /= 94;
+                c
+            })
+            .collect()
+    }
+
+    /// `{name_0: t, ..., name_{n-1}: t}` with one tensor record, memoized once and fetched with
+    /// `BINGET` for every further name (SETITEMS batches of 1000): 8 bytes a name.
+    pub fn shared_tensor_dict(record: &[u8], n: usize) -> Vec<u8> {
+        let mut p = b"\x80\x02}q\x00".to_vec();
+        p.extend(str(&short_name(0)));
+        p.extend_from_slice(record);
+        p.extend_from_slice(b"q\x01s");
+        let mut i = 1;
+        while i < n {
+            p.push(b'(');
+            for _ in 0..1000.min(n - i) {
+                p.extend_from_slice(&[0x8c, 4]);
+                p.extend_from_slice(short_name(i).as_bytes());
+                p.extend_from_slice(b"h\x01");
+                i += 1;
+            }
+            p.push(b'u');
+        }
+        p.push(b'.');
+        p
+    }
+}

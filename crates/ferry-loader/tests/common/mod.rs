@@ -265,3 +265,13 @@ pub fn padded<T: Copy + Default>(data: &[T], total: usize) -> Vec<T> {
     out.resize(total, T::default());
     out
 }
+
+/// A loss mask as SpecForge's offline EAGLE3 transform leaves it: the last token's value is 0
+/// (it has no next token to predict).
+pub fn specforge_loss_mask(mask: &[i64]) -> Vec<i64> {
+    let mut out = mask.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = 0;
+    }
+    out
+}

@@ -106,6 +106,12 @@ impl std::fmt::Debug for StoreOptions {
     }
 }
 
+/// Opened offline files kept between a `describe` and the read that follows: enough for a
+/// loader's batch per worker (64 samples) ...
+const OPEN_FILE_CACHE_ENTRIES: usize = 256;
+/// ... holding at most this many decompressed (`.ckpt.gz`) bytes; mapped files cost nothing.
+const OPEN_FILE_CACHE_BYTES: u64 = 2 << 30;
+
 /// A random 8-hex store id.
 pub fn random_store_id() -> StoreId {
     StoreId::new(uuid::Uuid::new_v4().simple().to_string()[..8].to_owned())
@@ -137,6 +143,7 @@ pub(crate) struct Inner {
     pending: Mutex<IndexMap<(SampleId, Generation), Pending>>,
     provisional: Mutex<IndexMap<(SampleId, Generation), Vec<String>>>,
     output_pool: BufferPool,
+    open_files: crate::file_read::OpenFileCache,
     stats: Stats,
 }
 
@@ -156,10 +163,27 @@ impl std::fmt::Debug for FeatureStore {
     }
 }
 
-/// One tensor to read: the backend object name and where its bytes go.
+/// One tensor to read: the backend object name, its size by the ref's spec, and where its
+/// bytes go (the whole object, or a prefix of it for [`FeatureStore::get_prefix_into`]).
 struct ReadItem<'a> {
     object: &'a str,
+    expected: u64,
     dst: &'a mut [u8],
+}
+
+/// Checks that an object holds exactly the bytes its spec says: fewer is a short read, more
+/// means the ref does not describe the object.
+fn check_object_len(what: impl FnOnce() -> String, held: u64, expected: u64) -> Result<()> {
+    if held < expected {
+        return Err(Error::ShortRead { key: what(), got: held, expected });
+    }
+    if held > expected {
+        return Err(Error::Corrupt {
+            what: what(),
+            message: format!("holds {held} bytes but the ref's spec needs {expected}; the ref does not describe it"),
+        });
+    }
+    Ok(())
 }
 
 /// The object name of a feature: the last segment of its store key (SpecForge maps
@@ -196,6 +220,7 @@ impl FeatureStore {
                 pending: Mutex::new(IndexMap::new()),
                 provisional: Mutex::new(IndexMap::new()),
                 output_pool: BufferPool::new(options.output_pool_bytes),
+                open_files: crate::file_read::OpenFileCache::new(OPEN_FILE_CACHE_ENTRIES, OPEN_FILE_CACHE_BYTES),
                 stats: Stats::default(),
                 options,
             }),
@@ -379,7 +404,8 @@ impl FeatureStore {
         let handle = {
             let mut items = Vec::with_capacity(wanted.len());
             for (name, (_, buf)) in wanted.iter().zip(bufs.iter_mut()) {
-                items.push(ReadItem { object: object_name(key_of(r, name)?), dst: buf.as_mut_slice() });
+                let expected = buf.len() as u64;
+                items.push(ReadItem { object: object_name(key_of(r, name)?), expected, dst: buf.as_mut_slice() });
             }
             self.read(r, &mut items)?
         };
@@ -393,26 +419,42 @@ impl FeatureStore {
     /// Reads the named features straight into the caller's buffers (no intermediate copy) and
     /// takes a read lease. Each buffer must be exactly the feature's byte size.
     pub fn get_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
+        self.get_into_impl(r, dsts, false)
+    }
+
+    /// Like [`FeatureStore::get_into`], but each buffer may be shorter than its feature: it
+    /// receives the feature's first bytes (a loader cutting sequences to `max_len` reads only the
+    /// tokens it keeps). The objects' full sizes are still checked against the specs.
+    pub fn get_prefix_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
+        self.get_into_impl(r, dsts, true)
+    }
+
+    fn get_into_impl(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])], prefix: bool) -> Result<FeatureHandle> {
         let specs = self.specs_for(r)?;
         let mut items = Vec::with_capacity(dsts.len());
         for (name, dst) in dsts.iter_mut() {
             let need = spec_of(&specs, r, name)?.nbytes()?;
-            if dst.len() as u64 != need {
+            let len = dst.len() as u64;
+            if len > need || (len < need && !prefix) {
                 return Err(Error::InvalidArgument(format!(
-                    "get_into: buffer for feature {name:?} of sample {} is {} bytes; its spec needs {need}",
+                    "get_into: buffer for feature {name:?} of sample {} is {len} bytes; its spec needs {}{need}",
                     r.sample_id,
-                    dst.len()
+                    if prefix { "at most " } else { "" }
                 )));
             }
-            items.push(ReadItem { object: object_name(key_of(r, name)?), dst });
+            items.push(ReadItem { object: object_name(key_of(r, name)?), expected: need, dst });
         }
         self.read(r, &mut items)
     }
 
     /// The ref's specs, or a lazy `file://` ref's specs read from its file's header.
+    /// The file stays in the store's small open-file cache, so the read that follows (or a
+    /// loader's `describe` then `get_into`) opens and parses it once.
     fn specs_for<'r>(&self, r: &'r SampleRef) -> Result<Cow<'r, IndexMap<String, FeatureSpec>>> {
         if r.feature_specs.is_empty() && is_file_ref(r) {
-            return Ok(Cow::Owned(crate::offline::file_ref_specs(r)?));
+            let path = crate::offline::file_ref_path(r)?;
+            let file = self.inner.open_files.open(&path, true)?;
+            return Ok(Cow::Owned(crate::offline::file_ref_specs_in(r, &path, &file)?));
         }
         Ok(Cow::Borrowed(&r.feature_specs))
     }
@@ -428,28 +470,10 @@ impl FeatureStore {
     fn read_file_ref(&self, r: &SampleRef, items: &mut [ReadItem<'_>]) -> Result<FeatureHandle> {
         self.check_auth("get")?;
         let path = crate::offline::file_ref_path(r)?;
-        let file = ferry_format::TensorFile::open(&path)?;
+        let file = self.inner.open_files.open(&path, false)?;
         for item in items.iter_mut() {
-            let tensor = file.tensor(item.object)?;
-            let src = tensor.view().bytes();
-            if src.len() < item.dst.len() {
-                return Err(Error::ShortRead {
-                    key: format!("{}:{}", path.display(), item.object),
-                    got: src.len() as u64,
-                    expected: item.dst.len() as u64,
-                });
-            }
-            if src.len() > item.dst.len() {
-                return Err(Error::Corrupt {
-                    what: format!("{}:{}", path.display(), item.object),
-                    message: format!(
-                        "holds {} bytes but the ref's spec needs {}; the ref does not describe this file",
-                        src.len(),
-                        item.dst.len()
-                    ),
-                });
-            }
-            item.dst.copy_from_slice(src);
+            let held = crate::file_read::copy_tensor_prefix(&file, item.object, item.dst)?;
+            check_object_len(|| format!("{}:{}", path.display(), item.object), held, item.expected)?;
         }
         let n = self.inner.stats.lease_counter.fetch_add(1, Ordering::Relaxed);
         Ok(FeatureHandle {
@@ -492,14 +516,11 @@ impl FeatureStore {
         };
         let handle = self.acquire_lease(sid, generation)?;
         let key = SampleKey { store_id: &self.inner.store_id, sample_id: sid, generation };
+        let expected: Vec<u64> = items.iter().map(|i| i.expected).collect();
         let mut reads: Vec<(&str, &mut [u8])> = items.iter_mut().map(|i| (i.object, &mut *i.dst)).collect();
-        let read = self.inner.backend.read_many(key, &mut reads).and_then(|counts| {
-            reads.iter().zip(counts).try_for_each(|((object, dst), got)| {
-                if got == dst.len() {
-                    return Ok(());
-                }
-                let object = key.object(object).to_string();
-                Err(Error::ShortRead { key: object, got: got as u64, expected: dst.len() as u64 })
+        let read = self.inner.backend.read_many(key, &mut reads).and_then(|held| {
+            reads.iter().zip(held).zip(expected).try_for_each(|(((object, _), held), expected)| {
+                check_object_len(|| key.object(object).to_string(), held as u64, expected)
             })
         });
         match read {
