@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 /// Runs per measurement; the fastest counts (the least disturbed by the rest of the machine).
 pub(crate) const RUNS: u32 = 5;
 
-/// Bytes per elapsed time, in GB/s.
-pub(crate) fn gbps(bytes: u64, elapsed: Duration) -> f64 {
-    bytes as f64 / elapsed.as_secs_f64().max(1e-12) / 1e9
-}
+pub(crate) use ferry_core::measure::gbps;
 
 /// Bytes written to push earlier data out of the CPU caches (twice the 32 MiB last-level cache
 /// of the development box).
@@ -68,17 +65,8 @@ pub(crate) fn memcpy_gbps(bytes: usize, caches: &mut CacheFlush) -> f64 {
 
 /// The shortest per-iteration time over [`RUNS`] runs of `iters` calls of `f`, after one
 /// untimed warm-up call.
-pub(crate) fn best_per_iter(iters: u64, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
-    f()?;
-    let mut best = Duration::MAX;
-    for _ in 0..RUNS {
-        let start = Instant::now();
-        for _ in 0..iters {
-            f()?;
-        }
-        best = best.min(start.elapsed().div_f64(iters as f64));
-    }
-    Ok(best)
+pub(crate) fn best_per_iter(iters: u64, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+    ferry_core::measure::try_best_per_iter(RUNS, iters, f)
 }
 
 /// `12.3` GB/s with one decimal, or more digits for small values.
@@ -112,7 +100,6 @@ mod tests {
         assert_eq!(fmt_bytes(16_826_368), "16.05 MiB");
         assert_eq!(fmt_gbps(12.34), "12.3");
         assert_eq!(fmt_gbps(1.234), "1.23");
-        assert!((gbps(1_000_000_000, Duration::from_secs(2)) - 0.5).abs() < 1e-9);
         assert!(memcpy_gbps(1 << 16, &mut CacheFlush::new()) > 0.0);
     }
 }

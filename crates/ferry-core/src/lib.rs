@@ -24,6 +24,7 @@
 //! * [`json`] — SpecForge-compatible JSON reading and writing.
 //! * [`buffer`] — [`AlignedBuf`] and [`BufferPool`].
 //! * [`tensor`] — [`TensorBuf`] and [`TensorView`].
+//! * [`measure`] — timing arithmetic shared by benchmarks (GB/s, best of N runs).
 //!
 //! # Example
 //! ```
@@ -48,6 +49,7 @@ pub mod dtype;
 pub mod error;
 pub mod ids;
 pub mod json;
+pub mod measure;
 pub mod tensor;
 
 pub use buffer::{AlignedBuf, BUFFER_ALIGN, BufferPool};

@@ -24,7 +24,7 @@ use ferry_format::{TensorFile, write_torch_zip};
 use std::hint::black_box;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Tensor size: an EAGLE3 sample's hidden states are of this order.
 const SIZE: usize = 64 << 20;
@@ -88,22 +88,12 @@ fn configure(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::W
         .throughput(Throughput::Bytes(SIZE as u64));
 }
 
-fn best_per_iter(iters: usize, mut f: impl FnMut()) -> Duration {
-    f();
-    (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            start.elapsed() / iters as u32
-        })
-        .min()
-        .unwrap_or_default()
+fn best_per_iter(iters: usize, f: impl FnMut()) -> Duration {
+    ferry_core::measure::best_per_iter(RUNS as u32, iters as u64, f)
 }
 
 fn gbps(per_iter: Duration) -> f64 {
-    SIZE as f64 / per_iter.as_secs_f64().max(1e-12) / 1e9
+    ferry_core::measure::gbps(SIZE as u64, per_iter)
 }
 
 fn main() {

@@ -31,7 +31,7 @@ use ferry_loader::{FeatureLoader, RefSource};
 use ferry_store::{FeatureStore, StoreOptions, open_store};
 use half::bf16;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Tokens per sample.
 const L: u64 = 1024;
@@ -159,22 +159,12 @@ fn configure(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::W
         .measurement_time(Duration::from_secs(3));
 }
 
-fn best_per_iter(iters: usize, mut f: impl FnMut()) -> Duration {
-    f(); // warm: faults in pooled buffers, fills caches
-    (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            start.elapsed() / iters as u32
-        })
-        .min()
-        .unwrap_or_default()
+fn best_per_iter(iters: usize, f: impl FnMut()) -> Duration {
+    ferry_core::measure::best_per_iter(RUNS as u32, iters as u64, f)
 }
 
 fn gbps(bytes: usize, per_iter: Duration) -> f64 {
-    bytes as f64 / per_iter.as_secs_f64().max(1e-12) / 1e9
+    ferry_core::measure::gbps(bytes as u64, per_iter)
 }
 
 fn main() {

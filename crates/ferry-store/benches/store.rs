@@ -15,7 +15,7 @@
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use ferry_store::bench::RoundTrip;
 use ferry_store::{FeatureStore, StoreOptions, open_store};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Sample sizes measured: a small control record-sized sample and an EAGLE3 Qwen3-8B-sized one.
 const SIZES: [usize; 2] = [4 << 10, 64 << 20];
@@ -70,23 +70,12 @@ fn store_group(c: &mut Criterion) {
     }
 }
 
-/// Best (shortest) per-iteration time over [`RUNS`] runs of `iters` calls of `f`.
-fn best_per_iter(iters: usize, mut f: impl FnMut()) -> Duration {
-    f(); // warm: faults in the pooled buffer, fills caches
-    (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            start.elapsed() / iters as u32
-        })
-        .min()
-        .unwrap_or_default()
+fn best_per_iter(iters: usize, f: impl FnMut()) -> Duration {
+    ferry_core::measure::best_per_iter(RUNS as u32, iters as u64, f)
 }
 
 fn gbps(bytes: usize, per_iter: Duration) -> f64 {
-    bytes as f64 / per_iter.as_secs_f64().max(1e-12) / 1e9
+    ferry_core::measure::gbps(bytes as u64, per_iter)
 }
 
 /// The self-contained ratio pass: prints one line per size.
