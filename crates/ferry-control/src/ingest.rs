@@ -15,7 +15,9 @@
 use crate::manifest::write_ref_manifest;
 use crate::sentinel::OfflineControl;
 use ferry_core::{Error, JsonMap, Result, SampleId, SampleRef, TensorView};
-use ferry_store::offline::{FEATURE_FILE_SUFFIXES, OfflineRefOptions, list_feature_files, offline_sample_id};
+use ferry_store::offline::{
+    FEATURE_FILE_SUFFIXES, OfflineRefOptions, list_feature_files, offline_sample_id, require_raw_keys,
+};
 use ferry_store::{DrainPolicy, FeatureStore};
 use serde_json::Value;
 use std::fmt;
@@ -66,15 +68,8 @@ struct Ingested {
 /// Puts one file's features.
 fn ingest_one(store: &FeatureStore, path: &Path, index: usize, options: &OfflineRefOptions) -> Result<Ingested> {
     let file = ferry_format::TensorFile::open(path)?;
-    let missing: Vec<String> = options.feature_keys.iter().filter(|k| file.spec(k).is_err()).cloned().collect();
-    if !missing.is_empty() {
-        return Err(Error::MissingFeatureKeys {
-            path: path.display().to_string(),
-            sample_id: Some(offline_sample_id(&options.run_id, index)),
-            missing,
-            present: file.names().map(str::to_owned).collect(),
-        });
-    }
+    let sample_id = offline_sample_id(&options.run_id, index);
+    require_raw_keys(&file, path, Some(&sample_id), options.feature_keys.iter().map(String::as_str))?;
     let tensors =
         options.feature_keys.iter().map(|k| file.tensor(k)).collect::<Result<Vec<ferry_format::FileTensor<'_>>>>()?;
     let views: Vec<(&str, TensorView<'_>)> =
@@ -92,7 +87,7 @@ fn ingest_one(store: &FeatureStore, path: &Path, index: usize, options: &Offline
     metadata.insert("num_tokens".into(), Value::from(num_tokens));
     metadata.insert("file_index".into(), Value::from(index));
     let tensor_bytes = views.iter().map(|(_, v)| v.nbytes()).sum();
-    let r = store.put(offline_sample_id(&options.run_id, index), &views, metadata)?;
+    let r = store.put(sample_id, &views, metadata)?;
     // Progress only: a file that cannot be stat'ed after it was read counts as 0 bytes.
     let file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
     Ok(Ingested { r, tensor_bytes, file_bytes })

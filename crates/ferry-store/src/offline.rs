@@ -165,16 +165,7 @@ pub(crate) fn file_ref_specs_in(
     path: &Path,
     file: &ferry_format::TensorFile,
 ) -> Result<IndexMap<String, FeatureSpec>> {
-    let missing: Vec<String> =
-        r.feature_keys.values().map(|k| raw_key(k)).filter(|k| file.spec(k).is_err()).map(str::to_owned).collect();
-    if !missing.is_empty() {
-        return Err(Error::MissingFeatureKeys {
-            path: path.display().to_string(),
-            sample_id: Some(r.sample_id.to_string()),
-            missing,
-            present: file.names().map(str::to_owned).collect(),
-        });
-    }
+    require_raw_keys(file, path, Some(r.sample_id.as_str()), r.feature_keys.values().map(|k| raw_key(k)))?;
     r.feature_keys
         .iter()
         .map(|(name, key)| {
@@ -183,6 +174,27 @@ pub(crate) fn file_ref_specs_in(
             Ok((name.clone(), spec))
         })
         .collect()
+}
+
+/// Checks that an offline feature file holds every raw key; a missing one is
+/// [`Error::MissingFeatureKeys`] naming all that are missing and what the file holds (SpecForge's
+/// `KeyError` "... missing required offline feature keys [...]").
+pub fn require_raw_keys<'k>(
+    file: &ferry_format::TensorFile,
+    path: &Path,
+    sample_id: Option<&str>,
+    keys: impl IntoIterator<Item = &'k str>,
+) -> Result<()> {
+    let missing: Vec<String> = keys.into_iter().filter(|k| file.spec(k).is_err()).map(str::to_owned).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::MissingFeatureKeys {
+        path: path.display().to_string(),
+        sample_id: sample_id.map(str::to_owned),
+        missing,
+        present: file.names().map(str::to_owned).collect(),
+    })
 }
 
 /// The raw key of a feature key (SpecForge takes the segment after the last `/`).

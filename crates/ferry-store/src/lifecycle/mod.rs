@@ -32,6 +32,7 @@ pub use report::{DrainPolicy, DrainReport, GcReport, Health};
 use crate::auth::{AuthPolicy, Secret};
 use crate::backend::{ByteBackend, ObjectData, SampleKey};
 use crate::clock::{Clock, SystemClock};
+use crate::offline::raw_key;
 use budget::Budget;
 use ferry_core::{
     BufferPool, Error, FeatureHandle, FeatureSpec, Generation, JsonMap, LeaseToken, Result, SampleId, SampleRef,
@@ -167,7 +168,9 @@ impl std::fmt::Debug for FeatureStore {
 /// bytes go (the whole object, or a prefix of it for [`FeatureStore::get_prefix_into`]).
 struct ReadItem<'a> {
     object: &'a str,
-    expected: u64,
+    /// The object's size by the ref's spec; `None` for a lazy `file://` ref, whose file is the
+    /// only description (its size is then checked against the buffer).
+    expected: Option<u64>,
     dst: &'a mut [u8],
 }
 
@@ -186,10 +189,17 @@ fn check_object_len(what: impl FnOnce() -> String, held: u64, expected: u64) -> 
     Ok(())
 }
 
-/// The object name of a feature: the last segment of its store key (SpecForge maps
-/// `feature_keys[name]` this way).
-fn object_name(key: &str) -> &str {
-    key.rsplit('/').next().unwrap_or(key)
+/// Checks a caller's buffer for a feature of `need` bytes: exactly its size, or for a prefix
+/// read at most its size.
+fn check_buffer_len(r: &SampleRef, name: &str, len: u64, need: u64, prefix: bool) -> Result<()> {
+    if len > need || (len < need && !prefix) {
+        return Err(Error::InvalidArgument(format!(
+            "get_into: buffer for feature {name:?} of sample {} is {len} bytes; its spec needs {}{need}",
+            r.sample_id,
+            if prefix { "at most " } else { "" }
+        )));
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -405,7 +415,8 @@ impl FeatureStore {
             let mut items = Vec::with_capacity(wanted.len());
             for (name, (_, buf)) in wanted.iter().zip(bufs.iter_mut()) {
                 let expected = buf.len() as u64;
-                items.push(ReadItem { object: object_name(key_of(r, name)?), expected, dst: buf.as_mut_slice() });
+                let object = raw_key(key_of(r, name)?);
+                items.push(ReadItem { object, expected: Some(expected), dst: buf.as_mut_slice() });
             }
             self.read(r, &mut items)?
         };
@@ -430,21 +441,22 @@ impl FeatureStore {
     }
 
     fn get_into_impl(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])], prefix: bool) -> Result<FeatureHandle> {
-        let specs = self.specs_for(r)?;
+        // A lazy file:// ref has no specs: its file describes it, and the read checks the
+        // buffers against the file directly (one open, no spec map built).
+        let lazy_file = r.feature_specs.is_empty() && is_file_ref(r);
         let mut items = Vec::with_capacity(dsts.len());
         for (name, dst) in dsts.iter_mut() {
-            let need = spec_of(&specs, r, name)?.nbytes()?;
-            let len = dst.len() as u64;
-            if len > need || (len < need && !prefix) {
-                return Err(Error::InvalidArgument(format!(
-                    "get_into: buffer for feature {name:?} of sample {} is {len} bytes; its spec needs {}{need}",
-                    r.sample_id,
-                    if prefix { "at most " } else { "" }
-                )));
-            }
-            items.push(ReadItem { object: object_name(key_of(r, name)?), expected: need, dst });
+            let object = raw_key(key_of(r, name)?);
+            let expected = if lazy_file {
+                None
+            } else {
+                let need = spec_of(&r.feature_specs, r, name)?.nbytes()?;
+                check_buffer_len(r, name, dst.len() as u64, need, prefix)?;
+                Some(need)
+            };
+            items.push(ReadItem { object, expected, dst });
         }
-        self.read(r, &mut items)
+        if lazy_file { self.read_file_ref(r, &mut items, prefix) } else { self.read(r, &mut items) }
     }
 
     /// The ref's specs, or a lazy `file://` ref's specs read from its file's header.
@@ -461,19 +473,32 @@ impl FeatureStore {
 
     /// Reads the items: from an offline file for `file://` refs, else through the lifecycle.
     fn read(&self, r: &SampleRef, items: &mut [ReadItem<'_>]) -> Result<FeatureHandle> {
-        if is_file_ref(r) { self.read_file_ref(r, items) } else { self.read_leased(r, items) }
+        if is_file_ref(r) { self.read_file_ref(r, items, false) } else { self.read_leased(r, items) }
     }
 
     /// Reads a `file://` ref (read-only offline data): one copy from the mapped (or, for `.gz`,
     /// decompressed) file into each buffer. Nothing is tracked: release is a no-op, so the files
     /// stay for later epochs.
-    fn read_file_ref(&self, r: &SampleRef, items: &mut [ReadItem<'_>]) -> Result<FeatureHandle> {
+    fn read_file_ref(&self, r: &SampleRef, items: &mut [ReadItem<'_>], prefix: bool) -> Result<FeatureHandle> {
         self.check_auth("get")?;
         let path = crate::offline::file_ref_path(r)?;
         let file = self.inner.open_files.open(&path, false)?;
+        if items.iter().any(|i| i.expected.is_none()) {
+            crate::offline::require_raw_keys(&file, &path, Some(r.sample_id.as_str()), items.iter().map(|i| i.object))?;
+        }
         for item in items.iter_mut() {
-            let held = crate::file_read::copy_tensor_prefix(&file, item.object, item.dst)?;
-            check_object_len(|| format!("{}:{}", path.display(), item.object), held, item.expected)?;
+            let what = || format!("{}:{}", path.display(), item.object);
+            match item.expected {
+                Some(expected) => {
+                    let held = crate::file_read::copy_tensor_prefix(&file, item.object, item.dst)?;
+                    check_object_len(what, held, expected)?;
+                }
+                None => {
+                    let held = file.spec(item.object)?.nbytes()?;
+                    check_buffer_len(r, item.object, item.dst.len() as u64, held, prefix)?;
+                    crate::file_read::copy_tensor_prefix(&file, item.object, item.dst)?;
+                }
+            }
         }
         let n = self.inner.stats.lease_counter.fetch_add(1, Ordering::Relaxed);
         Ok(FeatureHandle {
@@ -516,10 +541,12 @@ impl FeatureStore {
         };
         let handle = self.acquire_lease(sid, generation)?;
         let key = SampleKey { store_id: &self.inner.store_id, sample_id: sid, generation };
-        let expected: Vec<u64> = items.iter().map(|i| i.expected).collect();
+        let expected: Vec<Option<u64>> = items.iter().map(|i| i.expected).collect();
         let mut reads: Vec<(&str, &mut [u8])> = items.iter_mut().map(|i| (i.object, &mut *i.dst)).collect();
         let read = self.inner.backend.read_many(key, &mut reads).and_then(|held| {
             reads.iter().zip(held).zip(expected).try_for_each(|(((object, _), held), expected)| {
+                let expected =
+                    expected.ok_or_else(|| Error::InvalidArgument(format!("read of {object} without a spec")))?;
                 check_object_len(|| key.object(object).to_string(), held as u64, expected)
             })
         });
@@ -584,7 +611,7 @@ impl FeatureStore {
             let job = FreeJob::take_live(sid, entry);
             entry.live = Some(Live {
                 generation,
-                names: r.feature_keys.values().map(|k| object_name(k).to_owned()).collect(),
+                names: r.feature_keys.values().map(|k| raw_key(k).to_owned()).collect(),
                 accounted: 0,
                 since: self.now(),
                 origin: Origin::Observed,
@@ -766,7 +793,7 @@ impl FeatureStore {
         })?;
         let sid = &r.sample_id;
         let bytes = u64::try_from(r.estimated_bytes).unwrap_or(0);
-        let names: Vec<String> = r.feature_keys.values().map(|k| object_name(k).to_owned()).collect();
+        let names: Vec<String> = r.feature_keys.values().map(|k| raw_key(k).to_owned()).collect();
         let (job, added) = {
             let mut shard = self.inner.index.lock(sid);
             let entry = shard.entry(sid.clone()).or_default();
