@@ -4,7 +4,7 @@
 
 use crate::args::IngestArgs;
 use anyhow::{Context, Result, bail};
-use ferry_control::{IngestOptions, OfflineControl, ProducerError, run_offline_producer};
+use ferry_control::{IngestOptions, OfflineControl, ProducerError, run_offline_producer_on};
 use ferry_store::offline::{OfflineRefOptions, list_feature_files};
 use ferry_store::{StoreOptions, StoreUri, open_store};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -37,8 +37,7 @@ impl Plan {
             max_len: args.max_len,
             ..OfflineRefOptions::default()
         };
-        let workers =
-            args.workers.map_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()), usize::from);
+        let workers = args.workers.map_or_else(|| IngestOptions::default().workers, usize::from);
         let store_id = Some(args.store_id.unwrap_or_else(|| refs.run_id.clone()));
         Ok(Plan {
             input: args.input,
@@ -72,7 +71,7 @@ pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
         bar.set_message(format!("{n}/{count} files"));
         bar.inc(bytes);
     };
-    let result = run_offline_producer(&store, &plan.input, &plan.control, &plan.options, &on_progress);
+    let result = run_offline_producer_on(&store, &plan.input, &files, &plan.control, &plan.options, &on_progress);
     bar.finish_and_clear();
     let report = result.map_err(|failure| failure_report(plan, failure))?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);

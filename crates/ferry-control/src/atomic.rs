@@ -25,10 +25,16 @@ pub fn pid_temp(path: &Path) -> PathBuf {
     PathBuf::from(format!("{}.tmp.{}", path.display(), std::process::id()))
 }
 
-/// Writes a control file atomically through `<path>.tmp.<pid>`, creating the parent directory.
-pub fn write_control_file(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Creates the directory `path` will live in, if it has one.
+pub fn ensure_parent(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), &e))?;
     }
+    Ok(())
+}
+
+/// Writes a control file atomically through `<path>.tmp.<pid>`, creating the parent directory.
+pub fn write_control_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    ensure_parent(path)?;
     write_via(path, &pid_temp(path), bytes)
 }

@@ -199,6 +199,19 @@ pub fn run_offline_producer(
     on_progress: &(dyn Fn(u64) + Sync),
 ) -> Result<IngestReport, ProducerError> {
     let files = list_feature_files(input).map_err(ProducerError::not_started)?;
+    run_offline_producer_on(store, input, &files, control, options, on_progress)
+}
+
+/// [`run_offline_producer`] over `files`, already listed from `input` with
+/// [`list_feature_files`] (a caller that sizes a progress bar lists once and passes the list).
+pub fn run_offline_producer_on(
+    store: &FeatureStore,
+    input: &Path,
+    files: &[PathBuf],
+    control: &OfflineControl,
+    options: &IngestOptions,
+    on_progress: &(dyn Fn(u64) + Sync),
+) -> Result<IngestReport, ProducerError> {
     if files.is_empty() {
         return Err(ProducerError::not_started(Error::InvalidArgument(format!(
             "no feature files under {}: looked for names ending in {}",
@@ -209,7 +222,7 @@ pub fn run_offline_producer(
     control.claim_producer().map_err(ProducerError::not_started)?;
     let published: Mutex<Vec<SampleId>> = Mutex::new(Vec::new());
     let track = |r: &SampleRef| published.lock().unwrap_or_else(|p| p.into_inner()).push(r.sample_id.clone());
-    let result = ingest_files(store, &files, options, &track, on_progress).and_then(|report| {
+    let result = ingest_files(store, files, options, &track, on_progress).and_then(|report| {
         write_ref_manifest(&report.refs, control.manifest())?;
         control.mark_done()?;
         Ok(report)

@@ -15,6 +15,8 @@ pub mod ingest;
 pub mod manifest;
 pub mod sentinel;
 
-pub use ingest::{IngestOptions, IngestReport, ProducerError, ingest_files, run_offline_producer};
+pub use ingest::{
+    IngestOptions, IngestReport, ProducerError, ingest_files, run_offline_producer, run_offline_producer_on,
+};
 pub use manifest::{read_ref_manifest, write_ref_manifest};
 pub use sentinel::OfflineControl;

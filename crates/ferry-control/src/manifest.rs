@@ -31,9 +31,7 @@ pub fn manifest_bytes(refs: &[SampleRef]) -> Result<String> {
 
 /// Writes the manifest atomically (`<path>.tmp` then rename), creating the parent directory.
 pub fn write_ref_manifest(refs: &[SampleRef], path: &Path) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), &e))?;
-    }
+    crate::atomic::ensure_parent(path)?;
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     write_via(path, &tmp, manifest_bytes(refs)?.as_bytes())
 }

@@ -82,9 +82,7 @@ impl OfflineControl {
                 existing.display()
             )));
         }
-        if let Some(parent) = self.manifest.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), &e))?;
-        }
+        crate::atomic::ensure_parent(&self.manifest)?;
         let path = self.claim_path();
         let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {

@@ -55,6 +55,11 @@ impl DType {
         }
     }
 
+    /// Bytes of a contiguous tensor of this dtype and `shape`; `None` if that overflows 64 bits.
+    pub fn nbytes_of(self, shape: &[u64]) -> Option<u64> {
+        crate::contracts::checked_numel(shape)?.checked_mul(self.size() as u64)
+    }
+
     /// The SpecForge / torch name (`"bfloat16"`, `"int64"`, ...).
     pub const fn name(self) -> &'static str {
         match self {

@@ -252,14 +252,7 @@ impl Error {
     /// `true` for the errors SpecForge raises as `KeyError`: the sample or object is not there
     /// (not found, stale ref, use-after-free, short read).
     pub fn is_not_available(&self) -> bool {
-        matches!(
-            self,
-            Error::NotFound { .. }
-                | Error::StaleRef { .. }
-                | Error::UseAfterFree { .. }
-                | Error::ShortRead { .. }
-                | Error::MissingFeatureKeys { .. }
-        )
+        self.python_exception() == "KeyError"
     }
 
     /// The name of the Python exception SpecForge raises for this error (the `<ExcType>` of a

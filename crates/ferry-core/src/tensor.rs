@@ -5,12 +5,8 @@
 use crate::{AlignedBuf, DType, Element, Error, FeatureSpec, Result};
 
 /// Byte length of a contiguous tensor, or `None` if it overflows.
-fn expected_len(dtype: DType, shape: &[u64]) -> Option<u64> {
-    crate::contracts::checked_numel(shape)?.checked_mul(dtype.size() as u64)
-}
-
 fn check_len(what: &str, dtype: DType, shape: &[u64], len: usize) -> Result<()> {
-    let Some(want) = expected_len(dtype, shape) else {
+    let Some(want) = dtype.nbytes_of(shape) else {
         return Err(Error::InvalidArgument(format!("{what}: shape {shape:?} of {dtype} overflows 64 bits")));
     };
     if want != len as u64 {

@@ -408,9 +408,8 @@ impl TensorFile {
     }
 
     fn nbytes(&self, e: &TensorEntry) -> Result<usize> {
-        e.shape
-            .iter()
-            .try_fold(e.dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+        e.dtype
+            .nbytes_of(&e.shape)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| self.internal("tensor size overflows"))
     }

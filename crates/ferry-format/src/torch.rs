@@ -106,7 +106,7 @@ fn layout(
     // `declared` fits in the entry, which fits in `bytes`.
     let storage_range = entry.data.start..entry.data.start + declared as usize;
     let shape = record.shape.clone();
-    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
+    let numel = ferry_core::contracts::checked_numel(&shape).ok_or_else(|| {
         corrupt(what, format!("tensor {name:?} has shape {shape:?}, whose element count overflows 64 bits"))
     })?;
     let describe =

@@ -274,7 +274,7 @@ impl FeatureLoader {
     /// Batches one full pass yields: `floor(refs / batch_size)` with `drop_last`, else `ceil`.
     pub fn batches_per_pass(&self) -> usize {
         let refs = self.refs_per_pass();
-        if self.drop_last { refs / self.batch_size } else { refs.div_ceil(self.batch_size) }
+        batch_count(refs, self.batch_size, self.drop_last)
     }
 
     /// Skips the first `batches` batches of the next pass only (resume from a saved
@@ -339,10 +339,15 @@ struct PassPlan {
     end: usize,
 }
 
+/// Batches `refs` refs make: `floor(refs / batch_size)` with `drop_last`, else `ceil`.
+fn batch_count(refs: usize, batch_size: usize, drop_last: bool) -> usize {
+    if drop_last { refs / batch_size } else { refs.div_ceil(batch_size) }
+}
+
 impl PassPlan {
     fn new(refs: Arc<[SampleRef]>, order: Option<Vec<usize>>, batch_size: usize, drop_last: bool, skip: usize) -> Self {
         let len = order.as_ref().map_or(refs.len(), Vec::len);
-        let end = if drop_last { len / batch_size } else { len.div_ceil(batch_size) };
+        let end = batch_count(len, batch_size, drop_last);
         PassPlan { refs, order, batch_size, next: skip.min(end), end }
     }
 

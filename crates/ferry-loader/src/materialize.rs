@@ -265,8 +265,9 @@ fn read_transform_copy(
         let described = describe(ctx, r)?;
         let mut bufs = Vec::with_capacity(described.features.features.len());
         for f in &described.features.features {
-            let len = ferry_core::contracts::checked_numel(&f.shape)
-                .and_then(|n| n.checked_mul(f.dtype.size() as u64))
+            let len = f
+                .dtype
+                .nbytes_of(&f.shape)
                 .and_then(|n| usize::try_from(n).ok())
                 .ok_or_else(|| Error::InvalidArgument(format!("feature {:?} is too large", f.batch_name)))?;
             let buf = ctx.pool.try_take(len).ok_or_else(|| {

@@ -160,7 +160,7 @@ pub struct Strategy {
 pub const EAGLE3: Strategy = Strategy {
     name: "eagle3",
     // SpecForge's order (`OfflineManifestReader`): it is the key order of every offline ref.
-    offline_raw_keys: &["input_ids", "loss_mask", "hidden_state", "aux_hidden_state"],
+    offline_raw_keys: &ferry_store::offline::EAGLE3_OFFLINE_KEYS,
     offline_renames: &[("aux_hidden_state", "hidden_state"), ("hidden_state", "target")],
     features: &[
         FeatureRule::tokens("input_ids"),

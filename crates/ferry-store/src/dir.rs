@@ -175,26 +175,24 @@ impl SharedDirBackend {
         }
     }
 
-    /// The existing file of a sample generation (either format), if any.
-    fn find_sample(&self, sample: SampleKey<'_>) -> Result<Option<PathBuf>> {
-        for ext in [self.format.extension(), CKPT_EXT, SAFETENSORS_EXT] {
-            let path = self.sample_path(sample, ext)?;
-            if path.exists() {
-                return Ok(Some(path));
-            }
+    /// The extensions a sample generation's file may have: this store's format first.
+    fn extensions(&self) -> [&'static str; 2] {
+        match self.format {
+            DirFormat::TorchZip => [CKPT_EXT, SAFETENSORS_EXT],
+            DirFormat::Safetensors => [SAFETENSORS_EXT, CKPT_EXT],
         }
-        Ok(None)
     }
 
-    /// Opens a sample generation's file; a missing file is `NotFound`.
+    /// Opens a sample generation's file (this store's format first, then the other); a missing
+    /// file is `NotFound`. No existence check first: the open itself tells.
     fn open_sample(&self, sample: SampleKey<'_>) -> Result<ferry_format::TensorFile> {
-        let path =
-            self.find_sample(sample)?.ok_or_else(|| Error::NotFound { what: format!("sample file {sample}") })?;
-        ferry_format::TensorFile::open(&path).map_err(|e| match e {
-            // Removed between the check and the open: the same as missing.
-            Error::Io { kind: ErrorKind::NotFound, .. } => Error::NotFound { what: format!("sample file {sample}") },
-            other => other,
-        })
+        for ext in self.extensions() {
+            match ferry_format::TensorFile::open(&self.sample_path(sample, ext)?) {
+                Err(Error::Io { kind: ErrorKind::NotFound, .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(Error::NotFound { what: format!("sample file {sample}") })
     }
 
     /// Every sample file in the store directory: (sample id, generation, path, size).
