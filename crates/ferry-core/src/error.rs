@@ -170,6 +170,19 @@ pub enum Error {
         present: Vec<String>,
     },
 
+    /// An error a remote peer (the `ferry serve` daemon) reported. `exception` is the Python
+    /// exception class of the original error ([`Error::python_exception`]), so the caller can
+    /// still tell, for example, a freed sample (`KeyError`) from a full store (`MemoryError`).
+    #[error("{message} (reported by {peer})")]
+    Remote {
+        /// Who reported it (the daemon's address).
+        peer: String,
+        /// The original error's Python exception class.
+        exception: String,
+        /// The original error's message.
+        message: String,
+    },
+
     /// An operation failed, and handling that failure (recording it, cleaning up after it)
     /// failed too. `primary` is the original error; the rest say what else went wrong.
     #[error("{}", FailureHandlingDisplay(self))]
@@ -243,6 +256,28 @@ impl fmt::Display for DrainIncompleteDisplay<'_> {
     }
 }
 
+/// The exception names [`Error::python_exception`] can return, so a name carried over the wire
+/// maps back to a `'static` one (an unknown name counts as `RuntimeError`).
+const PYTHON_EXCEPTIONS: [&str; 13] = [
+    "KeyError",
+    "ValueError",
+    "MemoryError",
+    "PermissionError",
+    "TimeoutError",
+    "FileNotFoundError",
+    "FileExistsError",
+    "IsADirectoryError",
+    "NotADirectoryError",
+    "InterruptedError",
+    "OSError",
+    "RuntimeError",
+    "ConnectionError",
+];
+
+fn known_exception(name: &str) -> &'static str {
+    PYTHON_EXCEPTIONS.into_iter().find(|known| *known == name).unwrap_or("RuntimeError")
+}
+
 impl Error {
     /// An I/O error with the path or action that caused it.
     pub fn io(context: impl Into<String>, err: &std::io::Error) -> Self {
@@ -281,6 +316,7 @@ impl Error {
                 _ => "OSError",
             },
             Error::Backend { .. } | Error::DrainIncomplete { .. } | Error::FailureHandling { .. } => "RuntimeError",
+            Error::Remote { exception, .. } => known_exception(exception),
         }
     }
 

@@ -1,16 +1,27 @@
-//! ferry's network layer: the wire protocol between `ferry serve` (the node daemon that owns the
-//! bytes and their lifecycle) and its clients. See `docs/PROTOCOL.md` for the byte layout.
+//! ferry's network layer: `ferry serve`, the node daemon that owns the bytes and their
+//! lifecycle for every process on a node, its client, and the wire protocol between them (see
+//! `docs/PROTOCOL.md` for the byte layout).
 //!
 //! This crate sits between the store and the control plane
-//! (`ferry-core` ← `ferry-format` ← `ferry-store` ← `ferry-net` ← `ferry-control` ...). Today it
-//! holds the frame codec; the daemon, its shared-memory arena and the client backend build on it.
+//! (`ferry-core` ← `ferry-format` ← `ferry-store` ← `ferry-net` ← `ferry-control` ...). The daemon
+//! runs one [`ferry_store::FeatureStore`] (the lifecycle core) for all its clients, so an abort
+//! by one client refuses every other client's reads, a producer may exit after publishing, and
+//! a disconnected client's leases are released.
 //!
 //! # Layout
 //! * [`frame`] — the fixed 32-byte frame header, its opcodes and flags, the bounds every reader
 //!   enforces, and reading a frame's header and metadata from a stream while leaving its raw
 //!   payload in the stream, so the caller reads it straight into its final place.
+//! * [`wire`] — each op's metadata (small JSON objects; tensors only as payload).
+//! * [`server`] — the daemon: listeners, one thread per connection, per-connection leases.
+//! * [`client`] — a connection to a daemon with the store's calls.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod frame;
+pub mod server;
+pub mod wire;
 
+pub use client::Client;
 pub use frame::{FrameHead, Header, Limits, Op, read_head, write_head};
+pub use server::{DaemonConfig, DaemonHandle, start};

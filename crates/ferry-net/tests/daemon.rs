@@ -1,0 +1,382 @@
+//! The daemon as the one authority over the bytes: clients over TCP and a Unix socket share
+//! one liveness index. Covered here: consume-once across clients, an abort by one client
+//! refusing every other client's reads, a disconnected (or SIGKILLed) client's leases released
+//! by the daemon, a producer process that exits before its samples are read, errors keeping
+//! their Python class across the wire, and malformed frames closing only their connection.
+//!
+//! Multi-process tests re-execute this test binary as the child (`child_role` runs only when
+//! `FERRY_NET_CHILD` is set). Every wait has a deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ferry_core::{JsonMap, SampleId, TensorView};
+use ferry_net::frame::{HEADER_LEN, Header, Op, flags, read_head, write_head};
+use ferry_net::{Client, DaemonConfig, DaemonHandle, Limits};
+use ferry_store::{StoreOptions, open_store};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Daemon {
+    handle: DaemonHandle,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        Daemon::with(StoreOptions::default())
+    }
+
+    fn with(options: StoreOptions) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store("mem://daemon", options).unwrap();
+        let config = DaemonConfig {
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            unix: Some(dir.path().join("ferry.sock")),
+            limits: Limits::default(),
+        };
+        Daemon { handle: ferry_net::start(store, config).unwrap(), _dir: dir }
+    }
+
+    fn tcp(&self) -> String {
+        format!("ferry://{}", self.handle.tcp_addr().unwrap())
+    }
+
+    fn unix(&self) -> String {
+        format!("ferry+unix://{}", self.handle.unix_path().unwrap().display())
+    }
+
+    fn active_leases(&self) -> u64 {
+        self.handle.store().health().active_leases
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A sample whose bytes encode `seed`: `hidden` (1, 4, 8) bf16 and `input_ids` (4) int64.
+fn sample(seed: u8) -> (Vec<u8>, Vec<i64>) {
+    (
+        (0..64).map(|i| seed.wrapping_mul(31).wrapping_add(i)).collect(),
+        (0..4).map(|i| i64::from(seed) * 10 + i).collect(),
+    )
+}
+
+fn put(client: &Client, sid: &str, seed: u8) -> ferry_core::SampleRef {
+    let (hidden, ids) = sample(seed);
+    let tensors = [
+        ("hidden", TensorView::new(ferry_core::DType::BFloat16, &[1, 4, 8], &hidden).unwrap()),
+        ("input_ids", TensorView::from_elements(&[4], &ids).unwrap()),
+    ];
+    client.put(sid, &tensors, JsonMap::new()).unwrap()
+}
+
+fn read_back(
+    client: &Client,
+    r: &ferry_core::SampleRef,
+) -> ferry_core::Result<(Vec<u8>, Vec<u8>, ferry_core::FeatureHandle)> {
+    let mut hidden = vec![0u8; 64];
+    let mut ids = vec![0u8; 32];
+    let handle = client.get_into(r, &mut [("hidden", &mut hidden[..]), ("input_ids", &mut ids[..])])?;
+    Ok((hidden, ids, handle))
+}
+
+fn ids_bytes(ids: &[i64]) -> Vec<u8> {
+    ids.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn put_then_get_into_then_release_consumes_once_over_both_routes() {
+    let daemon = Daemon::start();
+    for (i, (producer_uri, consumer_uri)) in
+        [(daemon.tcp(), daemon.unix()), (daemon.unix(), daemon.tcp())].into_iter().enumerate()
+    {
+        let producer = Client::connect(&producer_uri).unwrap();
+        let consumer = Client::connect(&consumer_uri).unwrap();
+        assert_eq!(consumer.store_id(), "daemon");
+        let sid = format!("run0:task{i}");
+        let r = put(&producer, &sid, 7);
+        let (hidden, ids, handle) = read_back(&consumer, &r).unwrap();
+        let (want_hidden, want_ids) = sample(7);
+        assert_eq!(hidden, want_hidden);
+        assert_eq!(ids, ids_bytes(&want_ids));
+        assert_eq!(daemon.active_leases(), 1);
+        consumer.release(&handle).unwrap();
+        assert_eq!(daemon.handle.store().health().resident_samples, 0, "the last lease frees the sample");
+        let err = read_back(&producer, &r).unwrap_err();
+        assert!(err.is_not_available(), "consumed once: the producer's read must fail, got {err}");
+    }
+}
+
+#[test]
+fn get_returns_owned_tensors_and_describe_the_specs() {
+    let daemon = Daemon::start();
+    let client = Client::connect(&daemon.unix()).unwrap();
+    let r = put(&client, "s0", 3);
+    let specs = client.describe(&r).unwrap();
+    assert_eq!(specs["hidden"].shape, vec![1, 4, 8]);
+    let (tensors, handle) = client.get(&r, None).unwrap();
+    assert_eq!(tensors["hidden"].bytes(), sample(3).0.as_slice());
+    assert_eq!(tensors["input_ids"].shape(), [4]);
+    client.release(&handle).unwrap();
+}
+
+#[test]
+fn an_abort_by_one_client_refuses_every_other_clients_reads() {
+    // SpecForge's known gap: its liveness index is per process, so an abort elsewhere cannot stop
+    // a read. Here the daemon holds the only index.
+    let daemon = Daemon::start();
+    let producer = Client::connect(&daemon.tcp()).unwrap();
+    let reader = Client::connect(&daemon.unix()).unwrap();
+    let aborter = Client::connect(&daemon.unix()).unwrap();
+    let r = put(&producer, "s0", 1);
+    let (_, _, held) = read_back(&reader, &r).unwrap();
+    aborter.abort(&SampleId::new("s0")).unwrap();
+    let err = read_back(&reader, &r).unwrap_err();
+    assert!(err.is_not_available(), "{err}");
+    assert!(err.to_string().contains("reported by"), "the error names the daemon: {err}");
+    let err = read_back(&producer, &r).unwrap_err();
+    assert!(err.is_not_available(), "{err}");
+    reader.release(&held).unwrap(); // a stale release is a no-op
+    assert_eq!(daemon.active_leases(), 0);
+    assert_eq!(daemon.handle.store().health().resident_bytes, 0);
+}
+
+#[test]
+fn a_disconnected_clients_leases_are_released_by_the_daemon() {
+    let daemon = Daemon::with(StoreOptions { retain_on_release: true, ..StoreOptions::default() });
+    let producer = Client::connect(&daemon.tcp()).unwrap();
+    let r = put(&producer, "s0", 2);
+
+    // A client that says goodbye.
+    let polite = Client::connect(&daemon.unix()).unwrap();
+    let _ = read_back(&polite, &r).unwrap();
+    let _ = read_back(&polite, &r).unwrap();
+    assert_eq!(daemon.active_leases(), 2);
+    drop(polite);
+    wait_until("the polite client's leases", || daemon.active_leases() == 0);
+
+    // A raw connection that takes a lease and vanishes without a word.
+    let mut raw = UnixStream::connect(daemon.handle.unix_path().unwrap()).unwrap();
+    read_head(&mut raw, &Limits::default()).unwrap().unwrap(); // Hello
+    let meta = serde_json::to_vec(&serde_json::json!({"ref": r, "names": ["hidden"]})).unwrap();
+    let header = Header { op: Op::Get, flags: 0, request_id: 1, meta_len: meta.len() as u32, payload_len: 0 };
+    write_head(&mut raw, &header, &meta, &[]).unwrap();
+    let reply = read_head(&mut raw, &Limits::default()).unwrap().unwrap();
+    assert!(!reply.header.has(flags::ERROR), "{}", String::from_utf8_lossy(&reply.meta));
+    assert_eq!(daemon.active_leases(), 1);
+    drop(raw);
+    wait_until("the vanished client's lease", || daemon.active_leases() == 0);
+    assert_eq!(daemon.handle.store().health().resident_samples, 1, "retained data stays");
+}
+
+#[test]
+fn errors_keep_their_python_class_across_the_wire() {
+    let daemon = Daemon::with(StoreOptions { max_resident_bytes: Some(50), ..StoreOptions::default() });
+    let client = Client::connect(&daemon.tcp()).unwrap();
+    let (hidden, ids) = sample(1);
+    let tensors = [
+        ("hidden", TensorView::new(ferry_core::DType::BFloat16, &[1, 4, 8], &hidden).unwrap()),
+        ("input_ids", TensorView::from_elements(&[4], &ids).unwrap()),
+    ];
+    let err = client.put("big", &tensors, JsonMap::new()).unwrap_err();
+    assert_eq!(err.python_exception(), "MemoryError", "{err}");
+    assert!(err.to_string().contains("50"), "the error names the budget: {err}");
+    let err = client.put_until("big", &tensors, JsonMap::new(), Duration::from_millis(20)).unwrap_err();
+    assert!(err.to_string().contains("50"), "{err}");
+    // The connection goes on after errors.
+    client.ping().unwrap();
+    let mut bogus = put_small(&client);
+    bogus.sample_id = "never-written".into();
+    let err = client.get(&bogus, None).unwrap_err();
+    assert!(err.is_not_available(), "{err}");
+}
+
+fn put_small(client: &Client) -> ferry_core::SampleRef {
+    let ids: Vec<i64> = vec![1, 2];
+    client.put("small", &[("input_ids", TensorView::from_elements(&[2], &ids).unwrap())], JsonMap::new()).unwrap()
+}
+
+#[test]
+fn wrong_buffer_sizes_are_refused_and_leak_no_lease() {
+    let daemon = Daemon::start();
+    let client = Client::connect(&daemon.unix()).unwrap();
+    let r = put(&client, "s0", 4);
+    let mut short = [0u8; 10];
+    let err = client.get_into(&r, &mut [("hidden", &mut short[..])]).unwrap_err();
+    assert!(err.to_string().contains("needs 64"), "{err}");
+    assert_eq!(daemon.active_leases(), 0);
+    let (hidden, _, handle) = read_back(&client, &r).unwrap();
+    assert_eq!(hidden, sample(4).0, "the connection stayed framed");
+    client.release(&handle).unwrap();
+}
+
+#[test]
+fn malformed_frames_close_only_their_connection() {
+    let daemon = Daemon::start();
+    let survivor = Client::connect(&daemon.tcp()).unwrap();
+    let r = put(&survivor, "s0", 5);
+    let cases: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\0\0\0\0\0\0".to_vec(),
+        Header { op: Op::Put, flags: 0, request_id: 1, meta_len: u32::MAX, payload_len: 0 }.encode().to_vec(),
+        Header { op: Op::Put, flags: 0, request_id: 1, meta_len: 2, payload_len: u64::MAX }.encode().to_vec(),
+        {
+            let mut b = Header { op: Op::Ping, flags: 0, request_id: 1, meta_len: 0, payload_len: 0 }.encode();
+            b[6] = 200; // unknown op
+            b.to_vec()
+        },
+    ];
+    for bytes in cases {
+        let mut raw = UnixStream::connect(daemon.handle.unix_path().unwrap()).unwrap();
+        raw.set_read_timeout(Some(DEADLINE)).unwrap();
+        read_head(&mut raw, &Limits::default()).unwrap().unwrap(); // Hello
+        raw.write_all(&bytes).unwrap();
+        // The daemon closes it (a reset when it left our bytes unread): no reply either way.
+        let mut rest = Vec::new();
+        match raw.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "no reply to a malformed frame"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+    // Bad metadata is an error reply, and that connection goes on (its payload was skipped).
+    let mut raw = UnixStream::connect(daemon.handle.unix_path().unwrap()).unwrap();
+    read_head(&mut raw, &Limits::default()).unwrap().unwrap();
+    let meta = b"{\"sample_id\": 3}";
+    let header = Header { op: Op::Put, flags: 0, request_id: 9, meta_len: meta.len() as u32, payload_len: 5 };
+    write_head(&mut raw, &header, meta, &[b"abcde"]).unwrap();
+    let reply = read_head(&mut raw, &Limits::default()).unwrap().unwrap();
+    assert!(reply.header.has(flags::ERROR) && reply.header.request_id == 9);
+    assert!(String::from_utf8_lossy(&reply.meta).contains("Put metadata"), "{}", String::from_utf8_lossy(&reply.meta));
+    let ping = Header { op: Op::Ping, flags: 0, request_id: 10, meta_len: 0, payload_len: 0 };
+    write_head(&mut raw, &ping, &[], &[]).unwrap();
+    assert_eq!(read_head(&mut raw, &Limits::default()).unwrap().unwrap().header.request_id, 10);
+
+    let (hidden, _, handle) = read_back(&survivor, &r).unwrap();
+    assert_eq!(hidden, sample(5).0, "other connections are unaffected");
+    survivor.release(&handle).unwrap();
+    assert_eq!(HEADER_LEN, 32);
+}
+
+#[test]
+fn a_stopped_daemon_gives_clients_a_clear_error_never_wrong_bytes() {
+    let daemon = Daemon::start();
+    let client = Client::connect(&daemon.tcp()).unwrap();
+    let r = put(&client, "s0", 6);
+    let Daemon { handle, _dir } = daemon;
+    handle.stop();
+    let err = read_back(&client, &r).unwrap_err();
+    assert!(matches!(err, ferry_core::Error::Io { .. }), "a connection error, not data: {err}");
+    let again = read_back(&client, &r).unwrap_err();
+    assert!(again.to_string().contains("connect again"), "{again}");
+}
+
+// ---------------------------------------------------------------------- processes
+
+fn spawn_child(role: &str, uri: &str, sid: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .env("FERRY_NET_CHILD", role)
+        .env("FERRY_NET_URI", uri)
+        .env("FERRY_NET_SID", sid)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads the child's stdout until a line starting with `want`.
+fn expect_line(child: &mut Child, want: &str) -> String {
+    let stdout = child.stdout.as_mut().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    let mut seen = String::new();
+    loop {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "child ended before printing {want}; it printed: {seen}");
+        seen.push_str(&line);
+        // libtest prints "test child_role ... " before the child's own output.
+        if let Some(at) = line.find(want) {
+            return line[at + want.len()..].trim().to_owned();
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < DEADLINE, "child did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The child side of the process tests (a no-op in a normal test run).
+#[test]
+fn child_role() {
+    let Ok(role) = std::env::var("FERRY_NET_CHILD") else { return };
+    let uri = std::env::var("FERRY_NET_URI").unwrap();
+    let sid = std::env::var("FERRY_NET_SID").unwrap();
+    let client = Client::connect(&uri).unwrap();
+    match role.as_str() {
+        "produce" => {
+            let r = put(&client, &sid, 9);
+            println!("\nREF {}", serde_json::to_string(&r).unwrap());
+        }
+        "hold" => {
+            let r: ferry_core::SampleRef = serde_json::from_str(&std::env::var("FERRY_NET_REF").unwrap()).unwrap();
+            let (_, _, _handle) = read_back(&client, &r).unwrap();
+            println!("\nLEASED");
+            // Block until killed.
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+#[test]
+fn a_producer_process_may_exit_before_its_samples_are_read() {
+    let daemon = Daemon::start();
+    let mut producer = spawn_child("produce", &daemon.unix(), "run0:task0");
+    let r: ferry_core::SampleRef = serde_json::from_str(&expect_line(&mut producer, "REF")).unwrap();
+    assert!(wait_exit(&mut producer).success());
+    let consumer = Client::connect(&daemon.tcp()).unwrap();
+    let (hidden, ids, handle) = read_back(&consumer, &r).unwrap();
+    assert_eq!(hidden, sample(9).0);
+    assert_eq!(ids, ids_bytes(&sample(9).1));
+    consumer.release(&handle).unwrap();
+    assert_eq!(daemon.handle.store().health().resident_samples, 0);
+}
+
+#[test]
+fn a_sigkilled_clients_leases_are_released() {
+    let daemon = Daemon::with(StoreOptions { retain_on_release: true, ..StoreOptions::default() });
+    let producer = Client::connect(&daemon.tcp()).unwrap();
+    let r = put(&producer, "s0", 8);
+    let mut holder = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .env("FERRY_NET_CHILD", "hold")
+        .env("FERRY_NET_URI", daemon.unix())
+        .env("FERRY_NET_SID", "s0")
+        .env("FERRY_NET_REF", serde_json::to_string(&r).unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    expect_line(&mut holder, "LEASED");
+    assert_eq!(daemon.active_leases(), 1);
+    holder.kill().unwrap(); // SIGKILL
+    wait_exit(&mut holder);
+    wait_until("the killed client's lease", || daemon.active_leases() == 0);
+}
