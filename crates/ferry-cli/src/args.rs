@@ -34,6 +34,57 @@ pub(crate) enum Command {
     Inspect(InspectArgs),
     /// Copy offline feature files into a store and publish SpecForge's manifest and sentinels.
     Ingest(IngestArgs),
+    /// Run the node daemon: one shared-memory arena and one lifecycle core for every client
+    /// on this node (Unix socket, shared memory) and across nodes (TCP).
+    Serve(ServeArgs),
+    /// Print a daemon's health map.
+    Status(StatusArgs),
+}
+
+/// `ferry serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// TCP address to listen on, e.g. `0.0.0.0:7420` (clients: `ferry://host:7420`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) listen: Option<std::net::SocketAddr>,
+    /// Unix socket path (clients on this node: `ferry+unix://<path>`; shared memory).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) socket: Option<PathBuf>,
+    /// Arena size, the most bytes the daemon holds, e.g. `8GiB` (allocated and pre-faulted at
+    /// start).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub(crate) capacity: u64,
+    /// Store id (namespace of the refs it hands out); default: random.
+    #[arg(long)]
+    pub(crate) store_id: Option<String>,
+    /// File holding the shared secret clients must prove (default: `FERRY_AUTH_TOKEN` from the
+    /// environment; neither: no authentication).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) secret_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at `http://HOST:PORT/metrics`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+    /// Free samples no client released after this many seconds (max-hold GC, every second).
+    #[arg(long, value_name = "SECONDS")]
+    pub(crate) max_hold: Option<u64>,
+}
+
+/// `ferry status`.
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// The daemon: `ferry://host:port` or `ferry+unix:///path`.
+    pub(crate) uri: String,
+    /// File holding the shared secret (default: `FERRY_AUTH_TOKEN`).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) secret_file: Option<PathBuf>,
+    /// Print the health map as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Parses `8GiB`, `64MiB`, `4096`, `1.5 GB`.
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size::parse_size(s).map_err(|e| format!("{s:?} is not a size like 64MiB or 8GiB: {e}"))
 }
 
 /// Which store backend to use.
@@ -85,6 +136,55 @@ pub(crate) struct DemoArgs {
 pub(crate) enum BenchCommand {
     /// A store round trip (put + get_into + release) against two memcpys of the same bytes.
     Store(BenchStoreArgs),
+    /// Put and get_into between a daemon and a separate client process, against memcpy and raw
+    /// loopback TCP measured in the same run.
+    Transfer(BenchTransferArgs),
+    /// The client process of `bench transfer` (internal).
+    #[command(hide = true)]
+    TransferClient(TransferClientArgs),
+}
+
+/// The route `bench transfer` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchRoute {
+    /// Shared memory over the Unix socket.
+    Shm,
+    /// Payload bytes over loopback TCP.
+    Tcp,
+}
+
+/// `ferry bench transfer`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchTransferArgs {
+    /// Object size, e.g. `64MiB`.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub(crate) size: u64,
+    /// Iterations per run (the best of 5 runs counts).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub(crate) iters: u64,
+    /// Route.
+    #[arg(long, value_enum, default_value_t = BenchRoute::Shm)]
+    pub(crate) route: BenchRoute,
+    /// A running daemon to measure (`ferry://...` for tcp, `ferry+unix://...` for shm);
+    /// default: start one in this process.
+    #[arg(long, value_name = "URI")]
+    pub(crate) daemon: Option<String>,
+    /// Print one JSON object (route, size, put_gbps, get_gbps, memcpy_gbps, tcp_raw_gbps, ...).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `ferry bench transfer-client`.
+#[derive(Debug, Args)]
+pub(crate) struct TransferClientArgs {
+    #[arg(long)]
+    pub(crate) uri: String,
+    #[arg(long)]
+    pub(crate) size: u64,
+    #[arg(long)]
+    pub(crate) iters: u64,
+    #[arg(long, value_enum)]
+    pub(crate) route: BenchRoute,
 }
 
 /// `ferry bench store`.

@@ -11,6 +11,8 @@
 //! * [`bench`]: `ferry bench store`, a store round trip against memcpy.
 //! * [`inspect`]: `ferry inspect`, tensor files, SampleRef JSON lines and manifests.
 //! * [`ingest`]: `ferry ingest`, offline feature files into a store with a manifest.
+//! * [`serve`]: `ferry serve`, the node daemon, and `ferry status`.
+//! * [`transfer`]: `ferry bench transfer`, daemon put/get against memcpy and raw TCP.
 //! * [`strategy`]: which raw keys each draft strategy's offline files hold.
 //! * [`sample`]: synthetic EAGLE3-shaped samples.
 //! * [`measure`]: timing helpers and the memcpy reference.
@@ -29,8 +31,10 @@ mod ingest;
 mod inspect;
 mod measure;
 mod sample;
+mod serve;
 mod strategy;
 mod table;
+mod transfer;
 
 use anyhow::Result;
 use args::{BenchCommand, Cli, Command};
@@ -63,6 +67,10 @@ fn run(command: Command, out: &mut dyn Write) -> Result<()> {
         Command::Bench { what: BenchCommand::Store(a) } => bench::run(&bench::Plan::from_args(a)?, out),
         Command::Inspect(a) => inspect::run(&inspect::Plan::from_args(a), out),
         Command::Ingest(a) => ingest::run(&ingest::Plan::from_args(a)?, out),
+        Command::Serve(a) => serve::run(a, out),
+        Command::Status(a) => serve::status(a, out),
+        Command::Bench { what: BenchCommand::Transfer(a) } => transfer::run(a, out),
+        Command::Bench { what: BenchCommand::TransferClient(a) } => transfer::client(a, out),
     }
 }
 

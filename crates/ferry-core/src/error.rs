@@ -10,7 +10,10 @@ use std::fmt;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every error a ferry library call can return.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Errors serialize (serde, externally tagged by variant name), so the daemon sends the exact
+/// error to its clients and a client returns the same variant a local store would.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Error {
     /// The caller passed something that can never work (empty put, bad shape, bad option).
@@ -118,6 +121,7 @@ pub enum Error {
         /// Path or action.
         context: String,
         /// The OS error kind.
+        #[serde(with = "io_kind")]
         kind: std::io::ErrorKind,
         /// The OS message.
         message: String,
@@ -194,6 +198,48 @@ pub enum Error {
         /// What cleanup could not undo.
         cleanup_errors: Vec<String>,
     },
+}
+
+/// `std::io::ErrorKind` by its `Debug` name; kinds this module does not list read back as
+/// `Other` (the message still says what happened).
+mod io_kind {
+    use std::io::ErrorKind;
+
+    const KINDS: [ErrorKind; 24] = [
+        ErrorKind::NotFound,
+        ErrorKind::PermissionDenied,
+        ErrorKind::ConnectionRefused,
+        ErrorKind::ConnectionReset,
+        ErrorKind::ConnectionAborted,
+        ErrorKind::NotConnected,
+        ErrorKind::AddrInUse,
+        ErrorKind::AddrNotAvailable,
+        ErrorKind::BrokenPipe,
+        ErrorKind::AlreadyExists,
+        ErrorKind::WouldBlock,
+        ErrorKind::InvalidInput,
+        ErrorKind::InvalidData,
+        ErrorKind::TimedOut,
+        ErrorKind::WriteZero,
+        ErrorKind::Interrupted,
+        ErrorKind::Unsupported,
+        ErrorKind::UnexpectedEof,
+        ErrorKind::OutOfMemory,
+        ErrorKind::IsADirectory,
+        ErrorKind::NotADirectory,
+        ErrorKind::StorageFull,
+        ErrorKind::DirectoryNotEmpty,
+        ErrorKind::Other,
+    ];
+
+    pub(super) fn serialize<S: serde::Serializer>(kind: &ErrorKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{kind:?}"))
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ErrorKind, D::Error> {
+        let name: String = serde::Deserialize::deserialize(d)?;
+        Ok(KINDS.into_iter().find(|k| format!("{k:?}") == name).unwrap_or(ErrorKind::Other))
+    }
 }
 
 /// A list of names the way Python's `repr` prints a list of strings: `['a', 'b']`.
@@ -337,6 +383,26 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_survive_a_json_round_trip() {
+        let errors = [
+            Error::InvalidArgument("x".into()),
+            Error::StaleRef { sample_id: "s".into(), ref_generation: 1, current_generation: 2 },
+            Error::io("reading /x", &std::io::Error::from(std::io::ErrorKind::StorageFull)),
+            Error::io("reading /x", &std::io::Error::other("odd")),
+            Error::FailureHandling {
+                primary: Box::new(Error::Timeout { what: "t".into(), waited_ms: 3 }),
+                record_error: None,
+                cleanup_errors: vec!["c".into()],
+            },
+        ];
+        for e in errors {
+            let json = serde_json::to_string(&e).unwrap_or_default();
+            let back: Error = serde_json::from_str(&json).unwrap_or_else(|_| Error::InvalidArgument(json.clone()));
+            assert_eq!(back, e, "{json}");
+        }
+    }
 
     #[test]
     fn python_exception_names_follow_specforge() {

@@ -11,17 +11,68 @@
 //! with an error that says to reconnect, and the daemon has already released the leases this
 //! connection held.
 
+use crate::auth;
 use crate::frame::{FrameHead, Header, Limits, Op, flags, read_head, write_head};
-use crate::wire::{self, GetReply, Hello, RefReply, WireTensor};
+use crate::wire::{self, GetReply, Hello, Placement, RefReply, Route, WireTensor};
 use ferry_core::{
-    AlignedBuf, Error, FeatureHandle, FeatureSpec, JsonMap, Result, SampleId, SampleRef, TensorBuf, TensorView,
+    AlignedBuf, Error, FeatureHandle, FeatureSpec, Generation, JsonMap, Result, SampleId, SampleRef, StoreId,
+    TensorBuf, TensorView,
 };
+use ferry_shm::ArenaMap;
+use ferry_store::{DrainPolicy, DrainReport, FeatureStoreApi, GcReport, Health, Secret};
 use indexmap::IndexMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Which route a client's bytes take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RoutePreference {
+    /// The shared-memory arena when the daemon offers it (Unix socket), else the socket.
+    #[default]
+    Auto,
+    /// The shared-memory arena, or fail to connect.
+    Shm,
+    /// Bytes in the socket stream, even where the arena is offered.
+    Stream,
+}
+
+impl RoutePreference {
+    /// Parses `auto`, `shm`, `tcp` or `stream`.
+    pub fn parse(s: &str) -> Result<RoutePreference> {
+        match s {
+            "auto" => Ok(RoutePreference::Auto),
+            "shm" => Ok(RoutePreference::Shm),
+            "tcp" | "stream" | "unix" => Ok(RoutePreference::Stream),
+            other => Err(Error::InvalidArgument(format!("route {other:?}: expected auto, shm or tcp"))),
+        }
+    }
+}
+
+/// How a client connects.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// The shared secret, if the daemon requires one.
+    pub secret: Option<Secret>,
+    /// The route to use.
+    pub route: RoutePreference,
+    /// Pre-fault the whole arena mapping at connect (copies then never page-fault; costs about
+    /// 0.1 s per GiB once).
+    pub prefault: bool,
+}
+
+impl ConnectOptions {
+    /// Defaults, with the secret from `FERRY_AUTH_TOKEN` (or SpecForge's `DISAGG_AUTH_TOKEN`).
+    pub fn from_env() -> ConnectOptions {
+        ConnectOptions {
+            secret: Secret::from_env("FERRY_AUTH_TOKEN").or_else(|| Secret::from_env("DISAGG_AUTH_TOKEN")),
+            route: RoutePreference::Auto,
+            prefault: true,
+        }
+    }
+}
 
 /// A connected stream of either kind.
 enum Stream {
@@ -68,8 +119,13 @@ struct Conn {
 pub struct Client {
     peer: String,
     hello: Hello,
+    store_id: StoreId,
     limits: Limits,
     conn: Mutex<Conn>,
+    /// The daemon's arena, mapped, when the shared-memory route is in use.
+    arena: Option<ArenaMap>,
+    /// The route stream bytes take (TCP or Unix).
+    stream_route: Route,
 }
 
 impl std::fmt::Debug for Client {
@@ -106,8 +162,14 @@ fn connect_stream(uri: &str) -> Result<Stream> {
 }
 
 impl Client {
-    /// Connects and reads the daemon's greeting.
+    /// Connects with [`ConnectOptions::from_env`].
     pub fn connect(uri: &str) -> Result<Client> {
+        Client::connect_with(uri, ConnectOptions::from_env())
+    }
+
+    /// Connects, authenticates (proving the secret without sending it, and checking the
+    /// daemon's proof in turn) and, on the shared-memory route, maps the daemon's arena.
+    pub fn connect_with(uri: &str, options: ConnectOptions) -> Result<Client> {
         let mut stream = connect_stream(uri)?;
         let limits = Limits::default();
         let head = read_head(&mut stream, &limits)?
@@ -119,12 +181,81 @@ impl Client {
             });
         }
         let hello: Hello = wire::decode(&head.meta, "Hello")?;
-        Ok(Client { peer: uri.to_owned(), hello, limits, conn: Mutex::new(Conn { stream: Some(stream), next_id: 1 }) })
+        if hello.auth_required && options.secret.is_none() {
+            return Err(Error::AuthFailed {
+                context: format!("ferry daemon {uri} requires a shared secret and none was given"),
+            });
+        }
+        let want_shm = match options.route {
+            RoutePreference::Stream => false,
+            RoutePreference::Auto => hello.shm,
+            RoutePreference::Shm if hello.shm => true,
+            RoutePreference::Shm => {
+                return Err(Error::InvalidArgument(format!(
+                    "the shared-memory route was required but {uri} does not offer it (connect with ferry+unix:// to a daemon with an arena)"
+                )));
+            }
+        };
+        let client_nonce = auth::nonce()?;
+        let response = match &options.secret {
+            Some(secret) if hello.auth_required => {
+                Some(auth::client_response(secret.expose(), &hello.challenge, &client_nonce)?)
+            }
+            _ => None,
+        };
+        let request = wire::AuthRequest { response, client_nonce: client_nonce.clone(), want_shm };
+        let meta = wire::encode(&request)?;
+        let reply: wire::AuthReply = exchange(&mut stream, uri, &limits, Op::Auth, 0, &meta, &[], |head, _| {
+            wire::decode(&head.meta, "Auth reply")
+        })??;
+        if let (Some(secret), true) = (&options.secret, hello.auth_required) {
+            let proven = match &reply.proof {
+                Some(proof) => auth::verify_daemon(secret.expose(), &hello.challenge, &client_nonce, proof)?,
+                None => false,
+            };
+            if !proven {
+                return Err(Error::AuthFailed {
+                    context: format!("ferry daemon {uri} could not prove it knows the shared secret"),
+                });
+            }
+        }
+        let arena = match (&reply.arena, &stream) {
+            (Some(grant), Stream::Unix(unix)) => {
+                let mut byte = [0u8; 1];
+                let (_, fd) = ferry_shm::fdpass::recv_with_fd(unix, &mut byte)?;
+                let fd = fd.ok_or_else(|| Error::Corrupt {
+                    what: format!("arena grant from {uri}"),
+                    message: "no descriptor came with it".into(),
+                })?;
+                Some(ArenaMap::map(fd, grant.capacity, options.prefault)?)
+            }
+            _ => None,
+        };
+        if options.route == RoutePreference::Shm && arena.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{uri} did not grant its arena; the shared-memory route is unavailable"
+            )));
+        }
+        let stream_route = if matches!(stream, Stream::Unix(_)) { Route::Unix } else { Route::Tcp };
+        Ok(Client {
+            peer: uri.to_owned(),
+            store_id: StoreId::new(hello.store_id.clone()),
+            hello,
+            limits,
+            conn: Mutex::new(Conn { stream: Some(stream), next_id: 1 }),
+            arena,
+            stream_route,
+        })
+    }
+
+    /// The route this client's puts and gets take.
+    pub fn route(&self) -> Route {
+        if self.arena.is_some() { Route::Shm } else { self.stream_route }
     }
 
     /// The store the daemon serves.
-    pub fn store_id(&self) -> &str {
-        &self.hello.store_id
+    pub fn store_id(&self) -> &StoreId {
+        &self.store_id
     }
 
     /// The URI this client connected to.
@@ -166,20 +297,21 @@ impl Client {
         }
     }
 
-    /// Puts a sample; returns its ref.
+    /// Puts a sample; returns its ref. A full store refuses at once.
     pub fn put(&self, sample_id: &str, tensors: &[(&str, TensorView<'_>)], metadata: JsonMap) -> Result<SampleRef> {
         self.put_inner(sample_id, tensors, metadata, None)
     }
 
-    /// Puts a sample, waiting up to `wait` for room in the daemon's budget.
+    /// Puts a sample, waiting until `deadline` for room in the daemon's store (nothing is
+    /// evicted); then fails naming the capacity and the residency.
     pub fn put_until(
         &self,
         sample_id: &str,
         tensors: &[(&str, TensorView<'_>)],
         metadata: JsonMap,
-        wait: Duration,
+        deadline: Instant,
     ) -> Result<SampleRef> {
-        self.put_inner(sample_id, tensors, metadata, Some(wait))
+        self.put_inner(sample_id, tensors, metadata, Some(deadline))
     }
 
     fn put_inner(
@@ -187,47 +319,111 @@ impl Client {
         sample_id: &str,
         tensors: &[(&str, TensorView<'_>)],
         metadata: JsonMap,
-        wait: Option<Duration>,
+        deadline: Option<Instant>,
     ) -> Result<SampleRef> {
         let request = wire::PutRequest {
             sample_id: sample_id.to_owned(),
             metadata,
             tensors: tensors.iter().map(|(name, view)| WireTensor::of(name, view)).collect(),
-            wait_ms: wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+            wait_ms: deadline
+                .map(|d| u64::try_from(d.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(u64::MAX)),
         };
         let meta = wire::encode(&request)?;
-        let payload: Vec<&[u8]> = tensors.iter().map(|(_, v)| v.bytes()).collect();
-        let reply = self.call(Op::Put, &meta, &payload, |head, _| wire::decode::<RefReply>(&head.meta, "Put reply"))?;
-        Ok(reply.r#ref)
+        let Some(arena) = &self.arena else {
+            let payload: Vec<&[u8]> = tensors.iter().map(|(_, v)| v.bytes()).collect();
+            let reply =
+                self.call(Op::Put, &meta, &payload, |head, _| wire::decode::<RefReply>(&head.meta, "Put reply"))?;
+            return Ok(reply.r#ref);
+        };
+        // Shared memory: reserve, write each tensor straight into its region, commit.
+        let alloc = self.call(Op::PutAlloc, &meta, &[], |head, _| {
+            wire::decode::<wire::PutAllocReply>(&head.meta, "PutAlloc reply")
+        })?;
+        let written = (|| {
+            if alloc.placements.len() != tensors.len() {
+                return Err(Error::Corrupt {
+                    what: "PutAlloc reply".into(),
+                    message: format!("{} placements for {} tensors", alloc.placements.len(), tensors.len()),
+                });
+            }
+            for ((_, view), place) in tensors.iter().zip(&alloc.placements) {
+                if place.len != view.bytes().len() as u64 {
+                    return Err(corrupt_placement(place, view.bytes().len() as u64));
+                }
+                arena.write_at(place.offset, view.bytes())?;
+            }
+            Ok(())
+        })();
+        let commit = wire::PutCommitRequest { put_id: alloc.put_id, cancel: written.is_err() };
+        let meta = wire::encode(&commit)?;
+        let reply = self.call(Op::PutCommit, &meta, &[], |head, _| {
+            if commit.cancel { Ok(None) } else { wire::decode::<RefReply>(&head.meta, "PutCommit reply").map(Some) }
+        });
+        written?;
+        reply?.map(|r| r.r#ref).ok_or_else(|| Error::InvalidArgument("put cancelled".into()))
     }
 
-    /// Reads the named features straight from the socket into the caller's buffers and takes a
-    /// read lease (release it with [`Client::release`]). Each buffer must be exactly the
-    /// feature's size.
-    pub fn get_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
-        // Checked against the ref's specs before asking: a lease taken and handed back would
-        // count as this client's consume-once release.
-        for (name, dst) in dsts.iter() {
+    /// Checks each buffer against the ref's spec before asking: a lease taken and handed back
+    /// would count as this client's consume-once release.
+    fn check_buffers(r: &SampleRef, dsts: &[(&str, &mut [u8])], prefix: bool) -> Result<()> {
+        for (name, dst) in dsts {
             if let Some(spec) = r.feature_specs.get(*name) {
                 let need = spec.nbytes()?;
-                if need != dst.len() as u64 {
+                let len = dst.len() as u64;
+                if len > need || (len < need && !prefix) {
                     return Err(Error::InvalidArgument(format!(
-                        "get_into: buffer for feature {name:?} of sample {} is {} bytes; its spec needs {need}",
+                        "get_into: buffer for feature {name:?} of sample {} is {len} bytes; its spec needs {}{need}",
                         r.sample_id,
-                        dst.len()
+                        if prefix { "at most " } else { "" }
                     )));
                 }
             }
         }
-        let request =
-            wire::GetRequest { r#ref: r.clone(), names: Some(dsts.iter().map(|(n, _)| (*n).to_owned()).collect()) };
+        Ok(())
+    }
+
+    /// Reads the named features straight into the caller's buffers (from the arena, or from
+    /// the socket) and takes a read lease (release it with [`Client::release`]). Each buffer
+    /// must be exactly the feature's size.
+    pub fn get_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
+        self.get_into_impl(r, dsts, false)
+    }
+
+    /// Like [`Client::get_into`], but each buffer may be shorter than its feature and receives
+    /// its first bytes.
+    pub fn get_prefix_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
+        self.get_into_impl(r, dsts, true)
+    }
+
+    fn get_into_impl(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])], prefix: bool) -> Result<FeatureHandle> {
+        Self::check_buffers(r, dsts, prefix)?;
+        let names: Vec<String> = dsts.iter().map(|(n, _)| (*n).to_owned()).collect();
+        let shm = self.arena.is_some();
+        let request = wire::GetRequest { r#ref: r.clone(), names: Some(names), shm };
         let meta = wire::encode(&request)?;
         let (reply, mismatch) = self.call(Op::Get, &meta, &[], |head, stream| {
             let reply: GetReply = wire::decode(&head.meta, "Get reply")?;
-            let mismatch = check_destinations(&reply.tensors, dsts);
+            let mismatch = check_destinations(&reply.tensors, dsts, prefix);
             if mismatch.is_none() {
-                for (_, dst) in dsts.iter_mut() {
-                    stream.read_exact(dst).map_err(|e| Error::io("reading a Get payload", &e))?;
+                match (&reply.placements, &self.arena) {
+                    (Some(places), Some(arena)) => {
+                        for ((_, dst), place) in dsts.iter_mut().zip(places) {
+                            let n = dst.len() as u64;
+                            if n > place.len {
+                                return Err(corrupt_placement(place, n));
+                            }
+                            arena.read_at(place.offset, dst)?;
+                        }
+                    }
+                    _ => {
+                        for ((_, dst), t) in dsts.iter_mut().zip(&reply.tensors) {
+                            stream.read_exact(dst).map_err(|e| Error::io("reading a Get payload", &e))?;
+                            // A prefix read leaves the rest of the feature in the stream.
+                            let rest = t.nbytes()?.saturating_sub(dst.len() as u64);
+                            io::copy(&mut (&mut *stream).take(rest), &mut io::sink())
+                                .map_err(|e| Error::io("reading a Get payload", &e))?;
+                        }
+                    }
                 }
             }
             Ok((reply, mismatch))
@@ -243,21 +439,70 @@ impl Client {
     /// Reads a sample's features (all of the ref's, or `names`) into fresh aligned buffers and
     /// takes a read lease.
     pub fn get(&self, r: &SampleRef, names: Option<&[&str]>) -> Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
-        let request =
-            wire::GetRequest { r#ref: r.clone(), names: names.map(|n| n.iter().map(|s| (*s).to_owned()).collect()) };
-        let meta = wire::encode(&request)?;
+        let shm = self.arena.is_some();
+        let names = names.map(|n| n.iter().map(|s| (*s).to_owned()).collect());
+        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names, shm })?;
         self.call(Op::Get, &meta, &[], |head, stream| {
             let reply: GetReply = wire::decode(&head.meta, "Get reply")?;
             let mut out = IndexMap::with_capacity(reply.tensors.len());
-            for t in &reply.tensors {
-                let len =
-                    usize::try_from(t.nbytes()?).map_err(|_| Error::InvalidArgument("tensor too large".into()))?;
+            for (i, t) in reply.tensors.iter().enumerate() {
+                let need = t.nbytes()?;
+                let len = usize::try_from(need).map_err(|_| Error::InvalidArgument("tensor too large".into()))?;
                 let mut buf = AlignedBuf::zeroed(len);
-                stream.read_exact(buf.as_mut_slice()).map_err(|e| Error::io("reading a Get payload", &e))?;
+                match (&reply.placements, &self.arena) {
+                    (Some(places), Some(arena)) => {
+                        let place = places.get(i).copied().unwrap_or(Placement { offset: 0, len: 0 });
+                        if place.len != need {
+                            return Err(corrupt_placement(&place, need));
+                        }
+                        arena.read_at(place.offset, buf.as_mut_slice())?;
+                    }
+                    _ => stream.read_exact(buf.as_mut_slice()).map_err(|e| Error::io("reading a Get payload", &e))?,
+                }
                 out.insert(t.name.clone(), TensorBuf::new(t.dtype()?, t.shape.clone(), buf)?);
             }
             Ok((out, reply.handle))
         })
+    }
+
+    /// Borrows a sample's features in place, in the daemon's shared-memory arena: zero copies.
+    /// The views live as long as the returned [`BorrowedSample`], which holds the read lease
+    /// (and the daemon's pin on the bytes: an abort refuses later reads but never reuses
+    /// memory a borrowed view still shows). Only on the shared-memory route.
+    pub fn get_borrowed(&self, r: &SampleRef, names: Option<&[&str]>) -> Result<BorrowedSample<'_>> {
+        let Some(arena) = &self.arena else {
+            return Err(Error::InvalidArgument(format!(
+                "borrowed reads need the shared-memory route; {} uses {}",
+                self.peer,
+                self.stream_route.name()
+            )));
+        };
+        let names = names.map(|n| n.iter().map(|s| (*s).to_owned()).collect());
+        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names, shm: true })?;
+        let reply = self.call(Op::Get, &meta, &[], |head, _| wire::decode::<GetReply>(&head.meta, "Get reply"))?;
+        let parts = (|| {
+            let places = reply.placements.as_ref().ok_or_else(|| Error::Corrupt {
+                what: "Get reply".into(),
+                message: "a shared-memory get came back without placements".into(),
+            })?;
+            let mut parts = Vec::with_capacity(reply.tensors.len());
+            for (t, place) in reply.tensors.iter().zip(places) {
+                let need = t.nbytes()?;
+                if place.len != need {
+                    return Err(corrupt_placement(place, need));
+                }
+                let len = usize::try_from(place.len).map_err(|_| corrupt_placement(place, need))?;
+                parts.push((t.dtype()?, arena.slice(place.offset, len)?));
+            }
+            Ok(parts)
+        })();
+        match parts {
+            Ok(parts) => Ok(BorrowedSample { client: self, handle: Some(reply.handle), tensors: reply.tensors, parts }),
+            Err(e) => {
+                let _ = self.release(&reply.handle);
+                Err(e)
+            }
+        }
     }
 
     /// Releases a read lease.
@@ -281,13 +526,58 @@ impl Client {
 
     /// The specs of a sample's features.
     pub fn describe(&self, r: &SampleRef) -> Result<IndexMap<String, FeatureSpec>> {
-        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names: None })?;
+        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names: None, shm: false })?;
         self.call(Op::Describe, &meta, &[], |head, _| wire::decode(&head.meta, "Describe reply"))
     }
 
-    /// The daemon store's health map (as JSON: the fields of `ferry_store::Health`).
-    pub fn health(&self) -> Result<serde_json::Value> {
+    /// The daemon store's health map.
+    pub fn health(&self) -> Result<Health> {
         self.call(Op::Health, b"{}", &[], |head, _| wire::decode(&head.meta, "Health reply"))
+    }
+
+    /// Takes ownership of a sample another client published (so this store frees it).
+    pub fn adopt(&self, r: &SampleRef) -> Result<()> {
+        let meta = wire::encode(&wire::AdoptRequest { r#ref: r.clone() })?;
+        self.call(Op::Adopt, &meta, &[], |_, _| Ok(()))
+    }
+
+    /// One max-hold GC sweep in the daemon.
+    pub fn gc(&self) -> Result<GcReport> {
+        self.call(Op::Gc, b"{}", &[], |head, _| wire::decode(&head.meta, "Gc reply"))
+    }
+
+    /// Drains the daemon's pending removals (all, or only `sample_ids`).
+    pub fn drain_where(&self, sample_ids: Option<&[SampleId]>, policy: DrainPolicy) -> Result<DrainReport> {
+        let request = wire::DrainRequest {
+            sample_ids: sample_ids.map(|ids| ids.iter().map(ToString::to_string).collect()),
+            max_attempts: policy.max_attempts,
+            retry_interval_ms: u64::try_from(policy.retry_interval.as_millis()).unwrap_or(u64::MAX),
+        };
+        let meta = wire::encode(&request)?;
+        self.call(Op::Drain, &meta, &[], |head, _| wire::decode(&head.meta, "Drain reply"))
+    }
+
+    /// Tracks an external capture attempt in the daemon.
+    pub fn track_external_attempt(
+        &self,
+        sample_id: &SampleId,
+        generation: Generation,
+        feature_names: &[&str],
+    ) -> Result<()> {
+        let request = wire::TrackExternalRequest {
+            sample_id: sample_id.to_string(),
+            generation: generation.get(),
+            feature_names: feature_names.iter().map(|n| (*n).to_owned()).collect(),
+        };
+        let meta = wire::encode(&request)?;
+        self.call(Op::TrackExternal, &meta, &[], |_, _| Ok(()))
+    }
+
+    /// Frees the daemon's tracked external attempts; returns how many.
+    pub fn discard_external_attempts(&self) -> Result<u64> {
+        self.call(Op::DiscardExternal, b"{}", &[], |head, _| {
+            Ok(wire::decode::<wire::CountReply>(&head.meta, "DiscardExternal reply")?.count)
+        })
     }
 
     /// One empty round trip; returns its time.
@@ -310,7 +600,7 @@ impl Drop for Client {
 }
 
 /// Checks the reply's tensors against the caller's buffers, in order.
-fn check_destinations(tensors: &[WireTensor], dsts: &[(&str, &mut [u8])]) -> Option<Error> {
+fn check_destinations(tensors: &[WireTensor], dsts: &[(&str, &mut [u8])], prefix: bool) -> Option<Error> {
     if tensors.len() != dsts.len() {
         return Some(Error::InvalidArgument(format!(
             "get_into asked for {} features, the daemon returned {}",
@@ -323,15 +613,147 @@ fn check_destinations(tensors: &[WireTensor], dsts: &[(&str, &mut [u8])]) -> Opt
             Ok(n) => n,
             Err(e) => return Some(e),
         };
-        if t.name != *name || need != dst.len() as u64 {
+        let len = dst.len() as u64;
+        if t.name != *name || len > need || (len < need && !prefix) {
             return Some(Error::InvalidArgument(format!(
-                "get_into: buffer for feature {name:?} is {} bytes; the daemon's {:?} needs {need}",
-                dst.len(),
+                "get_into: buffer for feature {name:?} is {len} bytes; the daemon's {:?} needs {need}",
                 t.name
             )));
         }
     }
     None
+}
+
+fn corrupt_placement(place: &Placement, need: u64) -> Error {
+    Error::Corrupt {
+        what: "daemon Get reply".into(),
+        message: format!("placement {}+{} cannot hold a {need}-byte tensor", place.offset, place.len),
+    }
+}
+
+/// Features borrowed in place from the daemon's arena ([`Client::get_borrowed`]). Dropping it
+/// releases the lease (as does [`BorrowedSample::release`], which reports errors).
+pub struct BorrowedSample<'c> {
+    client: &'c Client,
+    handle: Option<FeatureHandle>,
+    tensors: Vec<WireTensor>,
+    /// Each tensor's dtype and bytes in the mapped arena.
+    parts: Vec<(ferry_core::DType, &'c [u8])>,
+}
+
+impl std::fmt::Debug for BorrowedSample<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BorrowedSample").field("handle", &self.handle).field("features", &self.tensors.len()).finish()
+    }
+}
+
+impl BorrowedSample<'_> {
+    /// The borrowed tensors in request order. A view cannot outlive this value, so it can
+    /// never show bytes after the lease is released.
+    pub fn views(&self) -> Vec<(&str, TensorView<'_>)> {
+        self.tensors
+            .iter()
+            .zip(&self.parts)
+            .filter_map(|(t, (dtype, bytes))| {
+                TensorView::new(*dtype, &t.shape, bytes).ok().map(|v| (t.name.as_str(), v))
+            })
+            .collect()
+    }
+
+    /// One borrowed tensor by feature name.
+    pub fn view(&self, name: &str) -> Option<TensorView<'_>> {
+        let i = self.tensors.iter().position(|t| t.name == name)?;
+        let (dtype, bytes) = self.parts.get(i)?;
+        TensorView::new(*dtype, &self.tensors[i].shape, bytes).ok()
+    }
+
+    /// The read lease.
+    pub fn handle(&self) -> Option<&FeatureHandle> {
+        self.handle.as_ref()
+    }
+
+    /// Releases the lease now.
+    pub fn release(mut self) -> Result<()> {
+        match self.handle.take() {
+            Some(h) => self.client.release(&h),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BorrowedSample<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take()
+            && let Err(e) = self.client.release(&h)
+        {
+            tracing::warn!(error = %e, "releasing a borrowed sample's lease");
+        }
+    }
+}
+
+impl FeatureStoreApi for Client {
+    fn store_id(&self) -> &StoreId {
+        Client::store_id(self)
+    }
+    fn put(&self, sample_id: &str, tensors: &[(&str, TensorView<'_>)], metadata: JsonMap) -> Result<SampleRef> {
+        Client::put(self, sample_id, tensors, metadata)
+    }
+    fn put_until(
+        &self,
+        sample_id: &str,
+        tensors: &[(&str, TensorView<'_>)],
+        metadata: JsonMap,
+        deadline: Instant,
+    ) -> Result<SampleRef> {
+        Client::put_until(self, sample_id, tensors, metadata, deadline)
+    }
+    fn get(&self, r: &SampleRef, names: Option<&[&str]>) -> Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
+        Client::get(self, r, names)
+    }
+    fn get_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
+        Client::get_into(self, r, dsts)
+    }
+    fn get_prefix_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
+        Client::get_prefix_into(self, r, dsts)
+    }
+    fn describe(&self, r: &SampleRef) -> Result<IndexMap<String, FeatureSpec>> {
+        Client::describe(self, r)
+    }
+    fn release(&self, handle: &FeatureHandle) -> Result<()> {
+        Client::release(self, handle)
+    }
+    fn abort(&self, sample_id: &SampleId) -> Result<()> {
+        Client::abort(self, sample_id)
+    }
+    fn abort_all(&self) -> Result<usize> {
+        Client::abort_all(self).map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+    fn adopt(&self, r: &SampleRef) -> Result<()> {
+        Client::adopt(self, r)
+    }
+    fn track_external_attempt(
+        &self,
+        sample_id: &SampleId,
+        generation: Generation,
+        feature_names: &[&str],
+    ) -> Result<()> {
+        Client::track_external_attempt(self, sample_id, generation, feature_names)
+    }
+    fn discard_external_attempts(&self) -> Result<usize> {
+        Client::discard_external_attempts(self).map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+    fn gc(&self) -> Result<GcReport> {
+        Client::gc(self)
+    }
+    fn drain(&self, policy: DrainPolicy) -> Result<DrainReport> {
+        self.drain_where(None, policy)
+    }
+    fn drain_samples(&self, sample_ids: &[SampleId], policy: DrainPolicy) -> Result<DrainReport> {
+        self.drain_where(Some(sample_ids), policy)
+    }
+    fn health(&self) -> Result<Health> {
+        Client::health(self)
+    }
 }
 
 /// Sends a request and reads its reply on `stream`. The outer `Result` is the connection's

@@ -64,11 +64,15 @@ pub enum Op {
     Ping = 15,
     /// The peer is closing the connection.
     Bye = 16,
+    /// Track an external capture attempt.
+    TrackExternal = 17,
+    /// Free every tracked external attempt not adopted.
+    DiscardExternal = 18,
 }
 
 impl Op {
     /// Every op, in wire order.
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 18] = [
         Op::Hello,
         Op::Auth,
         Op::Put,
@@ -85,6 +89,8 @@ impl Op {
         Op::Health,
         Op::Ping,
         Op::Bye,
+        Op::TrackExternal,
+        Op::DiscardExternal,
     ];
 
     /// The op with this wire code.
@@ -303,6 +309,6 @@ mod tests {
             assert_eq!(Op::from_code(op as u16), Some(op));
         }
         assert_eq!(Op::from_code(0), None);
-        assert_eq!(Op::from_code(17), None);
+        assert_eq!(Op::from_code(19), None);
     }
 }

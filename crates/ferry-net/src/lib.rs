@@ -13,15 +13,24 @@
 //!   enforces, and reading a frame's header and metadata from a stream while leaving its raw
 //!   payload in the stream, so the caller reads it straight into its final place.
 //! * [`wire`] — each op's metadata (small JSON objects; tensors only as payload).
-//! * [`server`] — the daemon: listeners, one thread per connection, per-connection leases.
-//! * [`client`] — a connection to a daemon with the store's calls.
+//! * [`auth`] — the challenge-response over the shared secret at connection attach.
+//! * [`server`] — the daemon: listeners, one thread per connection, per-connection leases,
+//!   pins and reservations, and its metrics.
+//! * [`client`] — a connection to a daemon implementing [`ferry_store::FeatureStoreApi`]; on the
+//!   same node it maps the daemon's arena and moves bytes through shared memory.
+//!
+//! Bytes never pass through a daemon buffer when the store runs over the arena
+//! ([`arena_store`]): see `docs/ARCHITECTURE.md` for the copy count of each route.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod client;
 pub mod frame;
 pub mod server;
 pub mod wire;
 
-pub use client::Client;
+pub use client::{BorrowedSample, Client, ConnectOptions, RoutePreference};
 pub use frame::{FrameHead, Header, Limits, Op, read_head, write_head};
-pub use server::{DaemonConfig, DaemonHandle, start};
+pub use server::metrics::Metrics;
+pub use server::{DaemonConfig, DaemonHandle, arena_store, start};
+pub use wire::Route;

@@ -43,7 +43,31 @@ pub fn payload_len(tensors: &[WireTensor]) -> Result<u64> {
     })
 }
 
-/// Server → client on connect.
+/// How a reply's bytes travelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Through the daemon's shared-memory arena (same node): the client copied (or borrowed)
+    /// the bytes straight from or into the arena; the socket carried only metadata.
+    Shm,
+    /// As the frame's payload over TCP.
+    Tcp,
+    /// As the frame's payload over a Unix socket (same node, no arena).
+    Unix,
+}
+
+impl Route {
+    /// Its name in replies and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Shm => "shm",
+            Route::Tcp => "tcp",
+            Route::Unix => "unix",
+        }
+    }
+}
+
+/// Server → client on connect: the protocol, the store, and the authentication challenge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
@@ -53,6 +77,49 @@ pub struct Hello {
     pub store_id: String,
     /// The largest payload the daemon accepts.
     pub max_payload: u64,
+    /// A fresh random nonce (hex) the client's `Auth` must answer.
+    pub challenge: String,
+    /// Whether the daemon requires the shared secret.
+    pub auth_required: bool,
+    /// Whether this listener can hand out the shared-memory arena (Unix socket only).
+    pub shm: bool,
+}
+
+/// Client → server, the first request: the challenge answered with the shared secret (which
+/// never crosses the wire), and whether the client wants the shared-memory route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRequest {
+    /// HMAC-SHA256 over the challenge (see `docs/PROTOCOL.md`), hex; absent without a secret.
+    #[serde(default)]
+    pub response: Option<String>,
+    /// The client's own nonce (hex), which the daemon's proof answers.
+    pub client_nonce: String,
+    /// Ask for the arena's descriptor.
+    #[serde(default)]
+    pub want_shm: bool,
+}
+
+/// The reply to `Auth`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthReply {
+    /// The daemon's proof that it knows the secret too (HMAC over the client's nonce), hex.
+    #[serde(default)]
+    pub proof: Option<String>,
+    /// Present when the arena's descriptor follows (one byte sent with `SCM_RIGHTS`).
+    #[serde(default)]
+    pub arena: Option<ArenaGrant>,
+}
+
+/// The arena a client maps for the shared-memory route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArenaGrant {
+    /// Its size in bytes.
+    pub capacity: u64,
+    /// Its name (as `/proc/<pid>/fd` shows it).
+    pub name: String,
 }
 
 /// `Put`: a sample; its tensors' bytes are the payload.
@@ -70,12 +137,46 @@ pub struct PutRequest {
     pub wait_ms: Option<u64>,
 }
 
-/// A reply carrying a ref (`Put`).
+/// A reply carrying a ref (`Put`, `PutCommit`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefReply {
     /// The ref.
     pub r#ref: SampleRef,
+    /// How the bytes travelled.
+    pub route: Route,
+}
+
+/// One object's place in the arena (shared-memory route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Byte offset in the arena.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// The reply to `PutAlloc`: where to write each tensor (in the request's order), and the id to
+/// commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutAllocReply {
+    /// Names this reservation in `PutCommit`.
+    pub put_id: u64,
+    /// One placement per tensor.
+    pub placements: Vec<Placement>,
+}
+
+/// `PutCommit`: publish (or, with `cancel`, drop) a reservation the client wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutCommitRequest {
+    /// From [`PutAllocReply`].
+    pub put_id: u64,
+    /// Drop the reservation instead of publishing it.
+    #[serde(default)]
+    pub cancel: bool,
 }
 
 /// `Get`: features of a sample (all of the ref's when `names` is absent).
@@ -87,6 +188,9 @@ pub struct GetRequest {
     /// The features wanted.
     #[serde(default)]
     pub names: Option<Vec<String>>,
+    /// Answer with arena placements instead of payload bytes (shared-memory route).
+    #[serde(default)]
+    pub shm: bool,
 }
 
 /// The reply to `Get`: the lease and the tensors whose bytes follow.
@@ -97,6 +201,12 @@ pub struct GetReply {
     pub handle: FeatureHandle,
     /// The tensors, in payload order.
     pub tensors: Vec<WireTensor>,
+    /// How the bytes travel.
+    pub route: Route,
+    /// With [`Route::Shm`], where each tensor lies in the arena (pinned until the lease is
+    /// released); the frame has no payload.
+    #[serde(default)]
+    pub placements: Option<Vec<Placement>>,
 }
 
 /// `Release`.
@@ -115,6 +225,39 @@ pub struct AbortRequest {
     pub sample_id: String,
 }
 
+/// `Adopt`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptRequest {
+    /// The ref to adopt.
+    pub r#ref: SampleRef,
+}
+
+/// `Drain`: every pending removal, or only those of `sample_ids`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Restrict the drain to these samples.
+    #[serde(default)]
+    pub sample_ids: Option<Vec<String>>,
+    /// Attempts.
+    pub max_attempts: u32,
+    /// Pause between attempts, milliseconds.
+    pub retry_interval_ms: u64,
+}
+
+/// `TrackExternal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackExternalRequest {
+    /// The sample.
+    pub sample_id: String,
+    /// The generation the external writer used.
+    pub generation: u64,
+    /// The objects it may have written.
+    pub feature_names: Vec<String>,
+}
+
 /// `AbortAll`'s reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,7 +266,8 @@ pub struct CountReply {
     pub count: u64,
 }
 
-/// An `ERROR` reply: the original error's Python exception class and message.
+/// An `ERROR` reply: the original error itself, plus its Python exception class and message
+/// for peers that do not know the variant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorReply {
@@ -131,17 +275,29 @@ pub struct ErrorReply {
     pub exception: String,
     /// Its message.
     pub message: String,
+    /// The error, as serialized by `ferry_core`.
+    #[serde(default)]
+    pub error: Option<Error>,
 }
 
 impl ErrorReply {
     /// The reply for an error.
     pub fn of(error: &Error) -> ErrorReply {
-        ErrorReply { exception: error.python_exception().to_owned(), message: error.to_string() }
+        ErrorReply {
+            exception: error.python_exception().to_owned(),
+            message: error.to_string(),
+            error: Some(error.clone()),
+        }
     }
 
-    /// The error a client returns for this reply from `peer`.
+    /// The error a client returns for this reply from `peer`: the daemon's own error when it
+    /// sent one (a client matches the same variants as with a local store), else
+    /// [`Error::Remote`].
     pub fn into_error(self, peer: &str) -> Error {
-        Error::Remote { peer: peer.to_owned(), exception: self.exception, message: self.message }
+        match self.error {
+            Some(e) => e,
+            None => Error::Remote { peer: peer.to_owned(), exception: self.exception, message: self.message },
+        }
     }
 }
 

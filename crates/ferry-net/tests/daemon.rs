@@ -8,10 +8,10 @@
 //! `FERRY_NET_CHILD` is set). Every wait has a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use ferry_core::{JsonMap, SampleId, TensorView};
+use ferry_core::{Error, JsonMap, SampleId, TensorView};
 use ferry_net::frame::{HEADER_LEN, Header, Op, flags, read_head, write_head};
-use ferry_net::{Client, DaemonConfig, DaemonHandle, Limits};
-use ferry_store::{StoreOptions, open_store};
+use ferry_net::{Client, ConnectOptions, DaemonConfig, DaemonHandle, Limits, Route, RoutePreference};
+use ferry_store::{Secret, StoreOptions, open_store};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
@@ -21,23 +21,46 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 struct Daemon {
     handle: DaemonHandle,
+    arena: Option<std::sync::Arc<ferry_shm::ArenaBackend>>,
     _dir: tempfile::TempDir,
 }
 
+/// The arena size of test daemons.
+const ARENA: u64 = 16 << 20;
+
 impl Daemon {
+    /// A daemon over a shared-memory arena, as `ferry serve` runs.
     fn start() -> Daemon {
         Daemon::with(StoreOptions::default())
     }
 
     fn with(options: StoreOptions) -> Daemon {
+        Daemon::configured(options, true, None)
+    }
+
+    /// A daemon over the in-memory backend (no arena: bytes travel in the socket only).
+    fn mem() -> Daemon {
+        Daemon::configured(StoreOptions::default(), false, None)
+    }
+
+    fn configured(mut options: StoreOptions, arena: bool, secret: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let store = open_store("mem://daemon", options).unwrap();
-        let config = DaemonConfig {
-            tcp: Some("127.0.0.1:0".parse().unwrap()),
-            unix: Some(dir.path().join("ferry.sock")),
-            limits: Limits::default(),
+        options.store_id = Some("daemon".into());
+        let mut config = DaemonConfig::new(Some("127.0.0.1:0".parse().unwrap()), Some(dir.path().join("ferry.sock")));
+        config.secret = secret.map(Secret::new);
+        let (store, backend) = if arena {
+            let (store, backend) = ferry_net::arena_store(ARENA, options).unwrap();
+            (store, Some(backend))
+        } else {
+            (open_store("mem://daemon", options).unwrap(), None)
         };
-        Daemon { handle: ferry_net::start(store, config).unwrap(), _dir: dir }
+        config.arena = backend.clone();
+        Daemon { handle: ferry_net::start(store, config).unwrap(), arena: backend, _dir: dir }
+    }
+
+    /// Arena bytes allocated (0 when every region was freed).
+    fn arena_used(&self) -> u64 {
+        self.arena.as_ref().map_or(0, |a| a.arena().stats().used)
     }
 
     fn tcp(&self) -> String {
@@ -92,15 +115,43 @@ fn ids_bytes(ids: &[i64]) -> Vec<u8> {
     ids.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A raw Unix connection past the greeting and authentication (no secret, no arena).
+fn raw_attach(daemon: &Daemon) -> UnixStream {
+    let mut raw = UnixStream::connect(daemon.handle.unix_path().unwrap()).unwrap();
+    raw.set_read_timeout(Some(DEADLINE)).unwrap();
+    read_head(&mut raw, &Limits::default()).unwrap().unwrap(); // Hello
+    let meta = br#"{"client_nonce": "00"}"#;
+    let header = Header { op: Op::Auth, flags: 0, request_id: 0, meta_len: meta.len() as u32, payload_len: 0 };
+    write_head(&mut raw, &header, meta, &[]).unwrap();
+    let reply = read_head(&mut raw, &Limits::default()).unwrap().unwrap();
+    assert!(!reply.header.has(flags::ERROR), "{}", String::from_utf8_lossy(&reply.meta));
+    raw
+}
+
 #[test]
-fn put_then_get_into_then_release_consumes_once_over_both_routes() {
-    let daemon = Daemon::start();
+fn put_then_get_into_then_release_consumes_once_over_every_route() {
+    for daemon in [Daemon::start(), Daemon::mem()] {
+        consume_once_over_every_route(&daemon);
+        assert_eq!(daemon.arena_used(), 0, "every region went back to the arena");
+    }
+}
+
+fn consume_once_over_every_route(daemon: &Daemon) {
     for (i, (producer_uri, consumer_uri)) in
-        [(daemon.tcp(), daemon.unix()), (daemon.unix(), daemon.tcp())].into_iter().enumerate()
+        [(daemon.tcp(), daemon.unix()), (daemon.unix(), daemon.tcp()), (daemon.unix(), daemon.unix())]
+            .into_iter()
+            .enumerate()
     {
         let producer = Client::connect(&producer_uri).unwrap();
         let consumer = Client::connect(&consumer_uri).unwrap();
-        assert_eq!(consumer.store_id(), "daemon");
+        assert_eq!(consumer.store_id().as_str(), "daemon");
+        let on_unix = consumer_uri.starts_with("ferry+unix");
+        let want = match (on_unix, daemon.arena.is_some()) {
+            (true, true) => Route::Shm,
+            (true, false) => Route::Unix,
+            (false, _) => Route::Tcp,
+        };
+        assert_eq!(consumer.route(), want);
         let sid = format!("run0:task{i}");
         let r = put(&producer, &sid, 7);
         let (hidden, ids, handle) = read_back(&consumer, &r).unwrap();
@@ -140,8 +191,7 @@ fn an_abort_by_one_client_refuses_every_other_clients_reads() {
     let (_, _, held) = read_back(&reader, &r).unwrap();
     aborter.abort(&SampleId::new("s0")).unwrap();
     let err = read_back(&reader, &r).unwrap_err();
-    assert!(err.is_not_available(), "{err}");
-    assert!(err.to_string().contains("reported by"), "the error names the daemon: {err}");
+    assert!(matches!(err, Error::UseAfterFree { .. }), "the daemon's own error arrives: {err}");
     let err = read_back(&producer, &r).unwrap_err();
     assert!(err.is_not_available(), "{err}");
     reader.release(&held).unwrap(); // a stale release is a no-op
@@ -164,8 +214,7 @@ fn a_disconnected_clients_leases_are_released_by_the_daemon() {
     wait_until("the polite client's leases", || daemon.active_leases() == 0);
 
     // A raw connection that takes a lease and vanishes without a word.
-    let mut raw = UnixStream::connect(daemon.handle.unix_path().unwrap()).unwrap();
-    read_head(&mut raw, &Limits::default()).unwrap().unwrap(); // Hello
+    let mut raw = raw_attach(&daemon);
     let meta = serde_json::to_vec(&serde_json::json!({"ref": r, "names": ["hidden"]})).unwrap();
     let header = Header { op: Op::Get, flags: 0, request_id: 1, meta_len: meta.len() as u32, payload_len: 0 };
     write_head(&mut raw, &header, &meta, &[]).unwrap();
@@ -189,7 +238,8 @@ fn errors_keep_their_python_class_across_the_wire() {
     let err = client.put("big", &tensors, JsonMap::new()).unwrap_err();
     assert_eq!(err.python_exception(), "MemoryError", "{err}");
     assert!(err.to_string().contains("50"), "the error names the budget: {err}");
-    let err = client.put_until("big", &tensors, JsonMap::new(), Duration::from_millis(20)).unwrap_err();
+    let deadline = Instant::now() + Duration::from_millis(20);
+    let err = client.put_until("big", &tensors, JsonMap::new(), deadline).unwrap_err();
     assert!(err.to_string().contains("50"), "{err}");
     // The connection goes on after errors.
     client.ping().unwrap();
@@ -246,8 +296,7 @@ fn malformed_frames_close_only_their_connection() {
         }
     }
     // Bad metadata is an error reply, and that connection goes on (its payload was skipped).
-    let mut raw = UnixStream::connect(daemon.handle.unix_path().unwrap()).unwrap();
-    read_head(&mut raw, &Limits::default()).unwrap().unwrap();
+    let mut raw = raw_attach(&daemon);
     let meta = b"{\"sample_id\": 3}";
     let header = Header { op: Op::Put, flags: 0, request_id: 9, meta_len: meta.len() as u32, payload_len: 5 };
     write_head(&mut raw, &header, meta, &[b"abcde"]).unwrap();
@@ -269,12 +318,170 @@ fn a_stopped_daemon_gives_clients_a_clear_error_never_wrong_bytes() {
     let daemon = Daemon::start();
     let client = Client::connect(&daemon.tcp()).unwrap();
     let r = put(&client, "s0", 6);
-    let Daemon { handle, _dir } = daemon;
+    let Daemon { handle, .. } = daemon;
     handle.stop();
     let err = read_back(&client, &r).unwrap_err();
     assert!(matches!(err, ferry_core::Error::Io { .. }), "a connection error, not data: {err}");
     let again = read_back(&client, &r).unwrap_err();
     assert!(again.to_string().contains("connect again"), "{again}");
+}
+
+#[test]
+fn the_secret_is_proven_never_sent_and_a_wrong_one_closes_the_connection() {
+    let daemon = Daemon::configured(StoreOptions::default(), true, Some("s3cret"));
+    let with = |secret: Option<&str>, route| ConnectOptions { secret: secret.map(Secret::new), route, prefault: false };
+    for uri in [daemon.tcp(), daemon.unix()] {
+        let client = Client::connect_with(&uri, with(Some("s3cret"), RoutePreference::Auto)).unwrap();
+        let r = put(&client, "s0", 1);
+        let (hidden, _, handle) = read_back(&client, &r).unwrap();
+        assert_eq!(hidden, sample(1).0);
+        client.release(&handle).unwrap();
+
+        let err = Client::connect_with(&uri, with(Some("wrong"), RoutePreference::Auto)).unwrap_err();
+        assert!(matches!(err, Error::AuthFailed { .. }), "{err}");
+        assert!(err.to_string().contains("wrong shared secret"), "{err}");
+        let err = Client::connect_with(&uri, with(None, RoutePreference::Auto)).unwrap_err();
+        assert!(matches!(err, Error::AuthFailed { .. }), "{err}");
+        assert!(err.to_string().contains("requires a shared secret"), "{err}");
+    }
+    assert_eq!(daemon.handle.metrics().auth_failures(), 2);
+
+    // A raw connection that skips Auth is refused and closed; so is a wrong answer.
+    for meta in [None, Some(br#"{"client_nonce": "00", "response": "abcd"}"#.as_slice())] {
+        let mut raw = UnixStream::connect(daemon.handle.unix_path().unwrap()).unwrap();
+        raw.set_read_timeout(Some(DEADLINE)).unwrap();
+        let hello = read_head(&mut raw, &Limits::default()).unwrap().unwrap();
+        let hello: serde_json::Value = serde_json::from_slice(&hello.meta).unwrap();
+        assert_eq!(hello["auth_required"], true);
+        assert!(!hello.to_string().contains("s3cret"));
+        let (op, meta) = match meta {
+            Some(m) => (Op::Auth, m),
+            None => (Op::Health, b"{}".as_slice()),
+        };
+        let header = Header { op, flags: 0, request_id: 1, meta_len: meta.len() as u32, payload_len: 0 };
+        write_head(&mut raw, &header, meta, &[]).unwrap();
+        let reply = read_head(&mut raw, &Limits::default()).unwrap().unwrap();
+        assert!(reply.header.has(flags::ERROR));
+        assert!(String::from_utf8_lossy(&reply.meta).contains("AuthFailed"));
+        assert!(read_head(&mut raw, &Limits::default()).unwrap().is_none(), "the daemon closed the connection");
+    }
+    // The secret never crossed the wire in any test above: nothing but HMACs were sent.
+}
+
+#[test]
+fn a_client_can_require_a_route() {
+    let daemon = Daemon::start();
+    let shm = ConnectOptions { route: RoutePreference::Shm, ..ConnectOptions::default() };
+    assert_eq!(Client::connect_with(&daemon.unix(), shm.clone()).unwrap().route(), Route::Shm);
+    let err = Client::connect_with(&daemon.tcp(), shm.clone()).unwrap_err();
+    assert!(err.to_string().contains("shared-memory route was required"), "{err}");
+    let err = Client::connect_with(&Daemon::mem().unix(), shm).unwrap_err();
+    assert!(err.to_string().contains("does not offer it"), "{err}");
+    let stream = ConnectOptions { route: RoutePreference::Stream, ..ConnectOptions::default() };
+    assert_eq!(Client::connect_with(&daemon.unix(), stream).unwrap().route(), Route::Unix);
+}
+
+#[test]
+fn borrowed_reads_are_zero_copy_views_that_an_abort_never_reuses() {
+    let daemon = Daemon::with(StoreOptions { retain_on_release: true, ..StoreOptions::default() });
+    let client = Client::connect(&daemon.unix()).unwrap();
+    assert_eq!(client.route(), Route::Shm);
+    let r = put(&client, "s0", 3);
+    let first = client.get_borrowed(&r, None).unwrap();
+    let second = client.get_borrowed(&r, Some(&["hidden"])).unwrap();
+    let a = first.view("hidden").unwrap();
+    let b = second.view("hidden").unwrap();
+    assert_eq!(a.bytes(), sample(3).0.as_slice());
+    assert_eq!(a.bytes().as_ptr(), b.bytes().as_ptr(), "both views are the same arena bytes: no copy");
+    assert_eq!(first.view("input_ids").unwrap().bytes(), ids_bytes(&sample(3).1).as_slice());
+    drop(second);
+
+    // Another client aborts the sample and fills the arena: the borrowed view still shows its
+    // own bytes (its region is pinned), while every new read is refused.
+    let other = Client::connect(&daemon.tcp()).unwrap();
+    other.abort(&SampleId::new("s0")).unwrap();
+    assert!(matches!(read_back(&other, &r).unwrap_err(), Error::UseAfterFree { .. }));
+    let big = vec![0xEEu8; 1 << 20];
+    let mut refs = Vec::new();
+    for i in 0..12 {
+        let t = [("x", TensorView::new(ferry_core::DType::UInt8, &[1 << 20], &big).unwrap())];
+        refs.push(other.put(&format!("fill{i}"), &t, JsonMap::new()).unwrap());
+    }
+    assert_eq!(first.view("hidden").unwrap().bytes(), sample(3).0.as_slice(), "a pinned region is never reused");
+    let used_with_pin = daemon.arena_used();
+    first.release().unwrap();
+    assert!(daemon.arena_used() < used_with_pin, "the last unpin frees the aborted region");
+    other.abort_all().unwrap();
+    assert_eq!(daemon.arena_used(), 0);
+    assert_eq!(daemon.active_leases(), 0);
+}
+
+#[test]
+fn a_full_store_waits_for_room_then_fails_naming_capacity_and_residency() {
+    let daemon = Daemon::start();
+    let producer = Client::connect(&daemon.unix()).unwrap();
+    let consumer = Client::connect(&daemon.tcp()).unwrap();
+    let chunk = vec![7u8; 6 << 20];
+    let shape = [6u64 << 20];
+    let t = |b: &'static [u8]| [("x", TensorView::new(ferry_core::DType::UInt8, &shape, b).unwrap())];
+    let chunk: &'static [u8] = chunk.leak();
+    let r1 = producer.put("a", &t(chunk), JsonMap::new()).unwrap();
+    let _r2 = producer.put("b", &t(chunk), JsonMap::new()).unwrap();
+    // Full: a third does not fit. Without a deadline it fails at once, naming the numbers.
+    let err = producer.put("c", &t(chunk), JsonMap::new()).unwrap_err();
+    assert!(matches!(err, Error::OverBudget { .. }), "{err}");
+    assert!(err.to_string().contains(&ARENA.to_string()), "names the capacity: {err}");
+    assert!(err.to_string().contains(&(12u64 << 20).to_string()), "names the residency: {err}");
+    // With a deadline it waits; a consumer frees room meanwhile.
+    let freer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut out = vec![0u8; 6 << 20];
+        let h = consumer.get_into(&r1, &mut [("x", &mut out[..])]).unwrap();
+        consumer.release(&h).unwrap();
+        out
+    });
+    let started = Instant::now();
+    producer.put_until("c", &t(chunk), JsonMap::new(), Instant::now() + DEADLINE).unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(40), "it waited for the release");
+    assert_eq!(freer.join().unwrap(), chunk);
+    // Nothing unacknowledged was evicted, and a put that cannot get room in time fails.
+    let err = producer.put_until("d", &t(chunk), JsonMap::new(), Instant::now() + Duration::from_millis(30));
+    assert!(matches!(err, Err(Error::OverBudget { .. })), "{err:?}");
+    assert_eq!(daemon.handle.store().health().resident_samples, 2);
+    let text = daemon.handle.render_metrics();
+    assert!(text.contains("ferry_full_store_waits_total 1"), "{text}");
+}
+
+#[test]
+fn metrics_are_served_over_http() {
+    let mut daemon = Daemon::start();
+    let addr = daemon.handle.serve_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+    let shm = Client::connect(&daemon.unix()).unwrap();
+    let tcp = Client::connect(&daemon.tcp()).unwrap();
+    let r = put(&shm, "s0", 1);
+    let (_, _, h) = read_back(&tcp, &r).unwrap();
+    let fetch = |path: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let body = fetch("/metrics");
+    assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
+    for want in [
+        "ferry_puts_total{route=\"shm\"} 1",
+        "ferry_gets_total{route=\"tcp\"} 1",
+        "ferry_active_leases 1",
+        "ferry_resident_samples 1",
+        "ferry_pending_removals 0",
+        "ferry_connections 2",
+    ] {
+        assert!(body.contains(want), "{want} missing from {body}");
+    }
+    assert!(fetch("/other").contains(" 404 "));
+    tcp.release(&h).unwrap();
 }
 
 // ---------------------------------------------------------------------- processes

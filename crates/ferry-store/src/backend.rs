@@ -78,7 +78,7 @@ pub enum Removal {
 }
 
 /// Residency as the backend itself sees it (disk truth for a shared directory).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct BackendUsage {
     /// Distinct samples with bytes present.
     pub samples: u64,

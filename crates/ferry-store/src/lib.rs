@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! * [`lifecycle`] — [`FeatureStore`], the lifecycle core (see its module doc for the rules).
+//! * [`api`] — [`FeatureStoreApi`], the store's calls as a trait (local core or daemon client).
 //! * [`backend`] — the [`ByteBackend`] trait and object keys.
 //! * [`offline`] — `file://` refs for offline feature files (lazy or validated).
 //! * [`mem`] — the in-memory backend (`mem://`), with pooled buffers.
@@ -33,6 +34,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod bench;
@@ -45,10 +47,11 @@ pub mod offline;
 pub mod testing;
 pub mod uri;
 
+pub use api::FeatureStoreApi;
 pub use auth::{AuthPolicy, Secret};
 pub use backend::{ByteBackend, ObjectKey, Removal, SampleKey};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dir::SharedDirBackend;
-pub use lifecycle::{DrainPolicy, DrainReport, FeatureStore, GcReport, Health, StoreOptions};
+pub use lifecycle::{DrainPolicy, DrainReport, FeatureStore, GcReport, Health, PendingPut, StoreOptions, TensorLayout};
 pub use mem::MemoryBackend;
 pub use uri::{StoreUri, open_store};

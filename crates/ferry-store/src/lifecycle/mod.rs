@@ -35,7 +35,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::offline::raw_key;
 use budget::Budget;
 use ferry_core::{
-    BufferPool, Error, FeatureHandle, FeatureSpec, Generation, JsonMap, LeaseToken, Result, SampleId, SampleRef,
+    BufferPool, DType, Error, FeatureHandle, FeatureSpec, Generation, JsonMap, LeaseToken, Result, SampleId, SampleRef,
     StoreId, TargetRepr, TensorBuf, TensorView,
 };
 use index::{FreeJob, Index, Live, Origin};
@@ -146,6 +146,69 @@ pub(crate) struct Inner {
     output_pool: BufferPool,
     open_files: crate::file_read::OpenFileCache,
     stats: Stats,
+}
+
+/// One tensor of a two-phase put ([`FeatureStore::begin_put`]): what the caller will write.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorLayout<'a> {
+    /// Feature name.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape, row-major.
+    pub shape: &'a [u64],
+}
+
+/// A put admitted and given a generation, whose bytes the caller writes into the backend under
+/// [`PendingPut::key`] before [`PendingPut::commit`]. Dropping it returns the admitted bytes.
+pub struct PendingPut<'s> {
+    store: &'s FeatureStore,
+    sid: SampleId,
+    generation: Generation,
+    specs: IndexMap<String, FeatureSpec>,
+    names: Vec<String>,
+    nbytes: u64,
+    metadata: JsonMap,
+    reservation: budget::Reservation<'s>,
+}
+
+impl std::fmt::Debug for PendingPut<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingPut")
+            .field("sample_id", &self.sid)
+            .field("generation", &self.generation)
+            .field("nbytes", &self.nbytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingPut<'_> {
+    /// Where the objects go: the store, the sample and its new generation.
+    pub fn key(&self) -> SampleKey<'_> {
+        SampleKey { store_id: &self.store.inner.store_id, sample_id: &self.sid, generation: self.generation }
+    }
+
+    /// The sample.
+    pub fn sample_id(&self) -> &SampleId {
+        &self.sid
+    }
+
+    /// The generation this put will publish.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// Bytes the tensors take.
+    pub fn nbytes(&self) -> u64 {
+        self.nbytes
+    }
+
+    /// Publishes the written sample: the ref that addresses it. A live older generation is
+    /// superseded (freed) as by [`FeatureStore::put`].
+    pub fn commit(self) -> SampleRef {
+        let store = self.store;
+        store.commit_put(self)
+    }
 }
 
 /// A feature store: the lifecycle core over one byte backend. Cheap to clone; clones share
@@ -292,17 +355,68 @@ impl FeatureStore {
         metadata: JsonMap,
         deadline: Option<Instant>,
     ) -> Result<SampleRef> {
-        self.check_auth("put")?;
-        validate_put(&sid, tensors)?;
-        let nbytes: u64 = tensors.iter().map(|(_, t)| t.nbytes()).sum();
-        let specs = build_specs(tensors, &metadata)?;
-        let reservation = self.inner.budget.admit(self.inner.store_id.as_str(), nbytes, deadline)?;
-        let generation = self.next_generation(&sid)?;
-        let key = SampleKey { store_id: &self.inner.store_id, sample_id: &sid, generation };
+        let layout: Vec<TensorLayout<'_>> =
+            tensors.iter().map(|(name, t)| TensorLayout { name, dtype: t.dtype(), shape: t.shape() }).collect();
+        let pending = self.begin_put(sid, &layout, metadata, deadline)?;
         let objects: Vec<ObjectData<'_>> =
             tensors.iter().map(|(name, tensor)| ObjectData { name, tensor: *tensor }).collect();
-        self.inner.backend.write(key, &objects)?; // on error the reservation is returned
-        let names: Vec<String> = tensors.iter().map(|(n, _)| (*n).to_owned()).collect();
+        self.inner.backend.write(pending.key(), &objects)?; // on error the reservation is returned
+        let sid = pending.sid.clone();
+        let r = pending.commit();
+        if let Some(dir) = &self.inner.options.dump_dir {
+            // The sample id must be one path component: `..` or `/` must not escape `dir`.
+            let dumped = crate::dir::validate_path_component("sample id", sid.as_str()).and_then(|()| {
+                let path = dir.join(format!("{sid}.ckpt"));
+                crate::dir::write_sample_file(&path, crate::dir::DirFormat::TorchZip, &objects)
+            });
+            if let Err(e) = dumped {
+                tracing::warn!(dir = %dir.display(), sample = %sid, error = %e, "feature dump failed; the put stands");
+            }
+        }
+        Ok(r)
+    }
+
+    /// Starts a put whose bytes the caller writes into the backend itself (the daemon's
+    /// shared-memory route, where a client writes straight into a reserved arena region, and its
+    /// TCP route, which reads the socket straight into that region). Checks the credential and
+    /// the tensors, admits the bytes against the budget (waiting until `deadline`, if any) and
+    /// picks the generation. Write every object under [`PendingPut::key`], then
+    /// [`PendingPut::commit`]; dropping it instead returns the admitted bytes (the caller removes
+    /// whatever it wrote).
+    pub fn begin_put(
+        &self,
+        sid: SampleId,
+        layout: &[TensorLayout<'_>],
+        metadata: JsonMap,
+        deadline: Option<Instant>,
+    ) -> Result<PendingPut<'_>> {
+        self.check_auth("put")?;
+        validate_put(&sid, layout)?;
+        let mut nbytes = 0u64;
+        for t in layout {
+            let n = t.dtype.nbytes_of(t.shape).ok_or_else(|| {
+                Error::InvalidArgument(format!("feature {:?} has shape {:?}, whose size overflows", t.name, t.shape))
+            })?;
+            nbytes = nbytes.checked_add(n).ok_or_else(|| Error::InvalidArgument("put size overflows".into()))?;
+        }
+        let specs = build_specs(layout, &metadata)?;
+        let reservation = self.inner.budget.admit(self.inner.store_id.as_str(), nbytes, deadline)?;
+        let generation = self.next_generation(&sid)?;
+        Ok(PendingPut {
+            store: self,
+            names: layout.iter().map(|t| t.name.to_owned()).collect(),
+            sid,
+            generation,
+            specs,
+            nbytes,
+            metadata,
+            reservation,
+        })
+    }
+
+    /// Publishes a written put in the index (see [`FeatureStore::begin_put`]).
+    fn commit_put(&self, pending: PendingPut<'_>) -> SampleRef {
+        let PendingPut { sid, generation, specs, names, nbytes, metadata, reservation, .. } = pending;
         let mut jobs = Vec::new();
         let mut counted_twice = 0;
         {
@@ -335,17 +449,7 @@ impl FeatureStore {
         for job in jobs {
             self.run_free(job, false);
         }
-        if let Some(dir) = &self.inner.options.dump_dir {
-            // The sample id must be one path component: `..` or `/` must not escape `dir`.
-            let dumped = crate::dir::validate_path_component("sample id", sid.as_str()).and_then(|()| {
-                let path = dir.join(format!("{sid}.ckpt"));
-                crate::dir::write_sample_file(&path, crate::dir::DirFormat::TorchZip, &objects)
-            });
-            if let Err(e) = dumped {
-                tracing::warn!(dir = %dir.display(), sample = %sid, error = %e, "feature dump failed; the put stands");
-            }
-        }
-        Ok(self.build_ref(sid, generation, specs, nbytes, metadata))
+        self.build_ref(sid, generation, specs, nbytes, metadata)
     }
 
     fn next_generation(&self, sid: &SampleId) -> Result<Generation> {
@@ -527,11 +631,36 @@ impl FeatureStore {
     }
 
     fn read_leased(&self, r: &SampleRef, items: &mut [ReadItem<'_>]) -> Result<FeatureHandle> {
-        self.check_auth("get")?;
-        self.check_ref_is_ours(r)?;
         if items.is_empty() {
             return Err(Error::InvalidArgument(format!("get of sample {} names no features", r.sample_id)));
         }
+        let backend = &self.inner.backend;
+        let ((), handle) = self.lease_with(r, |key| {
+            let expected: Vec<Option<u64>> = items.iter().map(|i| i.expected).collect();
+            let mut reads: Vec<(&str, &mut [u8])> = items.iter_mut().map(|i| (i.object, &mut *i.dst)).collect();
+            let held = backend.read_many(key, &mut reads)?;
+            reads.iter().zip(held).zip(expected).try_for_each(|(((object, _), held), expected)| {
+                let expected =
+                    expected.ok_or_else(|| Error::InvalidArgument(format!("read of {object} without a spec")))?;
+                check_object_len(|| key.object(object).to_string(), held as u64, expected)
+            })
+        })?;
+        Ok(handle)
+    }
+
+    /// Takes a read lease on the ref's generation with every check `get` makes (credential,
+    /// the ref names this store, use-after-free, stale ref) and runs `access` on the sample's
+    /// backend key while the lease is held: the daemon uses it to locate and pin the bytes of a
+    /// shared-memory read, or to send them down a socket without a copy. If `access` fails the
+    /// lease is returned and nothing is freed (a read that finds the bytes gone makes the store
+    /// forget them).
+    pub fn lease_with<T>(
+        &self,
+        r: &SampleRef,
+        access: impl FnOnce(SampleKey<'_>) -> Result<T>,
+    ) -> Result<(T, FeatureHandle)> {
+        self.check_auth("get")?;
+        self.check_ref_is_ours(r)?;
         let sid = &r.sample_id;
         let generation = match r.generation() {
             Some(g) => g,
@@ -541,19 +670,10 @@ impl FeatureStore {
         };
         let handle = self.acquire_lease(sid, generation)?;
         let key = SampleKey { store_id: &self.inner.store_id, sample_id: sid, generation };
-        let expected: Vec<Option<u64>> = items.iter().map(|i| i.expected).collect();
-        let mut reads: Vec<(&str, &mut [u8])> = items.iter_mut().map(|i| (i.object, &mut *i.dst)).collect();
-        let read = self.inner.backend.read_many(key, &mut reads).and_then(|held| {
-            reads.iter().zip(held).zip(expected).try_for_each(|(((object, _), held), expected)| {
-                let expected =
-                    expected.ok_or_else(|| Error::InvalidArgument(format!("read of {object} without a spec")))?;
-                check_object_len(|| key.object(object).to_string(), held as u64, expected)
-            })
-        });
-        match read {
-            Ok(()) => {
+        match access(key) {
+            Ok(value) => {
                 self.observe(r, generation);
-                Ok(handle)
+                Ok((value, handle))
             }
             Err(e) => {
                 // A failed read returns its lease without freeing anything: bad input never
@@ -954,7 +1074,7 @@ impl FeatureStore {
     }
 }
 
-fn validate_put(sid: &SampleId, tensors: &[(&str, TensorView<'_>)]) -> Result<()> {
+fn validate_put(sid: &SampleId, tensors: &[TensorLayout<'_>]) -> Result<()> {
     if tensors.is_empty() {
         return Err(Error::InvalidArgument("put requires at least one tensor".into()));
     }
@@ -962,7 +1082,7 @@ fn validate_put(sid: &SampleId, tensors: &[(&str, TensorView<'_>)]) -> Result<()
         return Err(Error::InvalidArgument("put requires a non-empty sample id".into()));
     }
     let mut seen = HashSet::new();
-    for (name, _) in tensors {
+    for TensorLayout { name, .. } in tensors {
         if name.is_empty() || name.contains('/') {
             return Err(Error::InvalidArgument(format!("feature name {name:?} must be non-empty and contain no '/'")));
         }
@@ -975,8 +1095,9 @@ fn validate_put(sid: &SampleId, tensors: &[(&str, TensorView<'_>)]) -> Result<()
 
 /// Specs from the tensors; the target feature gets `target_repr` and `vocab_map_version` from
 /// the metadata, as SpecForge's stores do.
-fn build_specs(tensors: &[(&str, TensorView<'_>)], metadata: &JsonMap) -> Result<IndexMap<String, FeatureSpec>> {
-    let mut specs: IndexMap<String, FeatureSpec> = tensors.iter().map(|(n, t)| ((*n).to_owned(), t.spec(n))).collect();
+fn build_specs(tensors: &[TensorLayout<'_>], metadata: &JsonMap) -> Result<IndexMap<String, FeatureSpec>> {
+    let mut specs: IndexMap<String, FeatureSpec> =
+        tensors.iter().map(|t| (t.name.to_owned(), FeatureSpec::new(t.name, t.shape.to_vec(), t.dtype))).collect();
     if let Some(repr) = metadata.get("target_repr").and_then(Value::as_str) {
         let repr = TargetRepr::parse(repr).ok_or_else(|| {
             Error::InvalidArgument(format!(

@@ -5,7 +5,7 @@ use ferry_core::{Error, Result};
 use std::time::Duration;
 
 /// A snapshot of a store's lifecycle state (SpecForge's `health()` keys, plus ferry's).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Health {
     /// The store.
     pub store_id: String,
@@ -40,7 +40,7 @@ pub struct Health {
 }
 
 /// One GC sweep's result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
     /// Samples freed by this sweep (max-hold or retried removals).
     pub force_freed: u64,
@@ -51,7 +51,7 @@ pub struct GcReport {
 }
 
 /// A successful drain's result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DrainReport {
     /// Samples removed.
     pub removed: u64,

@@ -1,0 +1,689 @@
+//! One client connection: authentication, then requests served in order on the connection's
+//! own thread, and on close the release of everything the client still held (leases, pins of
+//! shared-memory views, uncommitted reservations).
+//!
+//! A request whose metadata is wrong gets an `ERROR` reply (its payload is skipped, so the
+//! stream stays framed) and the connection goes on; a malformed frame (bad magic, version, op,
+//! flags or length), a request before authentication, or a wrong secret closes that connection
+//! only.
+//!
+//! With an arena, bytes never pass through a daemon buffer: a TCP put is read from the socket
+//! straight into its reserved region, a TCP get is written from the region to the socket with
+//! vectored writes, and on the shared-memory route the client copies (or borrows) them itself.
+
+use super::Shared;
+use crate::auth;
+use crate::frame::{FrameHead, Header, Op, flags, read_head, write_head};
+use crate::wire::{self, ErrorReply, GetReply, Placement, RefReply, Route, WireTensor};
+use ferry_core::{Error, FeatureHandle, FeatureSpec, Result, SampleRef, TensorView};
+use ferry_shm::{PinId, Reservation};
+use ferry_store::offline::raw_key;
+use ferry_store::{DrainPolicy, PendingPut, TensorLayout};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// What a request handler tells the loop.
+enum Next {
+    Continue,
+    Close,
+}
+
+/// A lease handed to this client, and the arena pin of its shared-memory view, if any.
+struct HeldLease {
+    handle: FeatureHandle,
+    pin: Option<PinId>,
+}
+
+/// A shared-memory put the client is writing.
+struct OpenPut<'a> {
+    pending: PendingPut<'a>,
+    reservation: Reservation,
+}
+
+pub(super) struct Connection<'a, S> {
+    shared: &'a Shared,
+    stream: S,
+    /// A second handle on a Unix stream, to pass the arena's descriptor.
+    fd_channel: Option<UnixStream>,
+    transport: Route,
+    peer: String,
+    challenge: String,
+    authed: bool,
+    shm: bool,
+    leases: HashMap<String, HeldLease>,
+    puts: HashMap<u64, OpenPut<'a>>,
+    next_put: u64,
+}
+
+impl<'a, S: Read + Write> Connection<'a, S> {
+    pub(super) fn new(
+        shared: &'a Shared,
+        stream: S,
+        fd_channel: Option<UnixStream>,
+        transport: Route,
+        peer: String,
+    ) -> Self {
+        Connection {
+            shared,
+            stream,
+            fd_channel,
+            transport,
+            peer,
+            challenge: String::new(),
+            authed: false,
+            shm: false,
+            leases: HashMap::new(),
+            puts: HashMap::new(),
+            next_put: 1,
+        }
+    }
+
+    pub(super) fn serve(&mut self) {
+        if let Err(e) = self.greet() {
+            tracing::debug!(peer = %self.peer, error = %e, "could not greet the client");
+            return;
+        }
+        loop {
+            let head = match read_head(&mut self.stream, &self.shared.limits) {
+                Ok(Some(head)) => head,
+                Ok(None) => return,
+                Err(e) => {
+                    if matches!(e, Error::Corrupt { .. }) {
+                        self.shared.metrics.malformed_frame();
+                    }
+                    tracing::warn!(peer = %self.peer, error = %e, "closing the connection");
+                    return;
+                }
+            };
+            match self.handle(&head) {
+                Ok(Next::Continue) => {}
+                Ok(Next::Close) => return,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "connection lost");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn greet(&mut self) -> Result<()> {
+        self.challenge = auth::nonce()?;
+        let hello = wire::Hello {
+            version: crate::frame::VERSION,
+            store_id: self.shared.store.store_id().to_string(),
+            max_payload: self.shared.limits.max_payload,
+            challenge: self.challenge.clone(),
+            auth_required: self.shared.secret.is_some(),
+            shm: self.shared.arena.is_some() && self.fd_channel.is_some(),
+        };
+        self.send(Op::Hello, 0, 0, &hello, &[])
+    }
+
+    /// Serves one request. `Err` only for a broken connection; store errors become `ERROR`
+    /// replies.
+    fn handle(&mut self, head: &FrameHead) -> Result<Next> {
+        let h = &head.header;
+        if h.has(flags::REPLY) {
+            return Err(Error::InvalidArgument(format!("the client sent a reply ({:?})", h.op)));
+        }
+        if !self.authed && !matches!(h.op, Op::Auth | Op::Bye) {
+            self.skip_payload(h)?;
+            let e = Error::AuthFailed { context: format!("{:?} before authenticating: send Auth first", h.op) };
+            self.send_error(h, &e)?;
+            return Ok(Next::Close);
+        }
+        let outcome = match h.op {
+            Op::Auth => return self.authenticate(head),
+            Op::Put => return self.put(head),
+            Op::PutAlloc => return self.put_alloc(head),
+            Op::PutCommit => self.put_commit(head),
+            Op::Get => return self.get(head),
+            Op::Release => self.release(head),
+            Op::Abort => wire::decode::<wire::AbortRequest>(&head.meta, "Abort")
+                .and_then(|req| self.shared.store.abort(&req.sample_id.into()))
+                .and_then(|()| wire::encode(&serde_json::json!({}))),
+            Op::AbortAll => {
+                self.shared.store.abort_all().and_then(|count| wire::encode(&wire::CountReply { count: count as u64 }))
+            }
+            Op::Adopt => wire::decode::<wire::AdoptRequest>(&head.meta, "Adopt")
+                .and_then(|req| self.shared.store.adopt(&req.r#ref))
+                .and_then(|()| wire::encode(&serde_json::json!({}))),
+            Op::Describe => wire::decode::<wire::GetRequest>(&head.meta, "Describe")
+                .and_then(|req| self.shared.store.describe(&req.r#ref))
+                .and_then(|specs| wire::encode(&specs)),
+            Op::Gc => wire::encode(&self.shared.store.gc()),
+            Op::Drain => self.drain(head),
+            Op::TrackExternal => wire::decode::<wire::TrackExternalRequest>(&head.meta, "TrackExternal")
+                .and_then(|req| {
+                    let names: Vec<&str> = req.feature_names.iter().map(String::as_str).collect();
+                    self.shared.store.track_external_attempt(
+                        &req.sample_id.into(),
+                        ferry_core::Generation::new(req.generation),
+                        &names,
+                    )
+                })
+                .and_then(|()| wire::encode(&serde_json::json!({}))),
+            Op::DiscardExternal => self
+                .shared
+                .store
+                .discard_external_attempts()
+                .and_then(|count| wire::encode(&wire::CountReply { count: count as u64 })),
+            Op::Health => wire::encode(&self.shared.store.health()),
+            Op::Ping => Ok(b"{}".to_vec()),
+            Op::Bye => {
+                self.skip_payload(h)?;
+                self.send_raw(Op::Bye, h.request_id, flags::REPLY, b"{}", &[])?;
+                return Ok(Next::Close);
+            }
+            Op::Hello => Err(Error::InvalidArgument("Hello is sent by the daemon, not to it".into())),
+        };
+        self.skip_payload(h)?;
+        match outcome {
+            Ok(meta) => self.send_raw(h.op, h.request_id, flags::REPLY, &meta, &[])?,
+            Err(e) => self.send_error(h, &e)?,
+        }
+        Ok(Next::Continue)
+    }
+
+    fn authenticate(&mut self, head: &FrameHead) -> Result<Next> {
+        let h = &head.header;
+        self.skip_payload(h)?;
+        let req = match wire::decode::<wire::AuthRequest>(&head.meta, "Auth") {
+            Ok(req) => req,
+            Err(e) => {
+                self.send_error(h, &e)?;
+                return Ok(Next::Close);
+            }
+        };
+        let proof = match &self.shared.secret {
+            None => None,
+            Some(secret) => {
+                let ok = match &req.response {
+                    Some(response) => {
+                        auth::verify_client(secret.expose(), &self.challenge, &req.client_nonce, response)?
+                    }
+                    None => false,
+                };
+                if !ok {
+                    self.shared.metrics.auth_failure();
+                    tracing::warn!(peer = %self.peer, "refused a connection: wrong or missing shared secret");
+                    let e = Error::AuthFailed {
+                        context: format!(
+                            "ferry daemon ({}): the client's {} shared secret",
+                            self.peer,
+                            if req.response.is_some() { "wrong" } else { "missing" }
+                        ),
+                    };
+                    self.send_error(h, &e)?;
+                    return Ok(Next::Close);
+                }
+                Some(auth::daemon_proof(secret.expose(), &self.challenge, &req.client_nonce)?)
+            }
+        };
+        self.authed = true;
+        let grant = match (&self.shared.arena, &self.fd_channel) {
+            (Some(arena), Some(_)) if req.want_shm => {
+                Some(wire::ArenaGrant { capacity: arena.arena().capacity(), name: arena.arena().name().to_owned() })
+            }
+            _ => None,
+        };
+        let granted = grant.is_some();
+        self.send(Op::Auth, h.request_id, flags::REPLY, &wire::AuthReply { proof, arena: grant }, &[])?;
+        if granted && let (Some(arena), Some(channel)) = (&self.shared.arena, &self.fd_channel) {
+            ferry_shm::fdpass::send_with_fd(channel, b"A", arena.arena().fd())?;
+            self.shm = true;
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Checks a put's metadata against its frame and returns the request.
+    fn put_request(&self, head: &FrameHead, payload_len: u64) -> Result<wire::PutRequest> {
+        let req = wire::decode::<wire::PutRequest>(&head.meta, "Put")?;
+        let len = wire::payload_len(&req.tensors)?;
+        if len != payload_len {
+            return Err(Error::InvalidArgument(format!(
+                "Put of {}: the tensors need {len} payload bytes but the frame carries {payload_len}",
+                req.sample_id
+            )));
+        }
+        Ok(req)
+    }
+
+    /// Admits a put and reserves its arena region (waiting until its deadline for room).
+    fn reserve(&self, req: &wire::PutRequest) -> Result<OpenPut<'a>> {
+        let shared: &'a Shared = self.shared;
+        let arena = shared.arena.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("this daemon has no shared-memory arena; put over the socket".into())
+        })?;
+        let dtypes = req.tensors.iter().map(WireTensor::dtype).collect::<Result<Vec<_>>>()?;
+        let layout: Vec<TensorLayout<'_>> = req
+            .tensors
+            .iter()
+            .zip(&dtypes)
+            .map(|(t, dtype)| TensorLayout { name: &t.name, dtype: *dtype, shape: &t.shape })
+            .collect();
+        let started = Instant::now();
+        let deadline = req.wait_ms.map(|ms| started + Duration::from_millis(ms));
+        let pending = shared.store.begin_put(req.sample_id.as_str().into(), &layout, req.metadata.clone(), deadline)?;
+        let sizes = req.tensors.iter().map(|t| Ok((t.name.as_str(), t.nbytes()?))).collect::<Result<Vec<_>>>()?;
+        let reservation = arena.reserve(pending.key(), &sizes, deadline)?;
+        let waited = started.elapsed();
+        if waited > Duration::from_millis(1) {
+            shared.metrics.admit_wait(waited);
+        }
+        Ok(OpenPut { pending, reservation })
+    }
+
+    /// Publishes a written reservation and commits it in the store.
+    fn publish(&self, open: OpenPut<'a>) -> Result<SampleRef> {
+        let arena = self.shared.arena.as_ref().ok_or_else(|| Error::InvalidArgument("no arena".into()))?;
+        let OpenPut { pending, reservation } = open;
+        arena.publish(reservation)?;
+        Ok(pending.commit())
+    }
+
+    fn put(&mut self, head: &FrameHead) -> Result<Next> {
+        let h = head.header;
+        let request = self.put_request(head, h.payload_len);
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return self.refuse_payload(&h, &e),
+        };
+        if self.shared.arena.is_none() {
+            return self.put_staged(&h, &request);
+        }
+        let open = match self.reserve(&request) {
+            Ok(open) => open,
+            Err(e) => return self.refuse_payload(&h, &e),
+        };
+        // The payload goes from the socket straight into the reserved region; on a broken
+        // connection the reservation and the admitted bytes are returned as `open` drops.
+        let arena = self.shared.arena.as_ref().ok_or_else(|| Error::InvalidArgument("no arena".into()))?;
+        for placed in open.reservation.objects() {
+            arena.arena().fill_from(placed.offset, placed.len, &mut self.stream)?;
+        }
+        let outcome = self.publish(open).and_then(|r| wire::encode(&RefReply { r#ref: r, route: self.transport }));
+        match outcome {
+            Ok(meta) => {
+                self.shared.metrics.put(self.transport, h.payload_len);
+                self.send_raw(Op::Put, h.request_id, flags::REPLY, &meta, &[])?;
+            }
+            Err(e) => self.send_error(&h, &e)?,
+        }
+        Ok(Next::Continue)
+    }
+
+    /// A put without an arena: the payload is read into a pooled staging buffer, then the
+    /// store copies it into its backend.
+    fn put_staged(&mut self, h: &Header, request: &wire::PutRequest) -> Result<Next> {
+        let len = usize::try_from(h.payload_len).map_err(|_| Error::InvalidArgument("payload too large".into()))?;
+        let Some(mut buf) = self.shared.staging.try_take(len) else {
+            let e = Error::InvalidArgument(format!("cannot stage a {len}-byte put: memory is exhausted"));
+            return self.refuse_payload(h, &e);
+        };
+        self.stream
+            .read_exact(buf.as_mut_slice())
+            .map_err(|e| Error::io(format!("reading a payload from {}", self.peer), &e))?;
+        let started = Instant::now();
+        let outcome = stage_views(&request.tensors, &buf).and_then(|views| match request.wait_ms {
+            Some(ms) => self.shared.store.put_until(
+                request.sample_id.as_str(),
+                &views,
+                request.metadata.clone(),
+                started + Duration::from_millis(ms),
+            ),
+            None => self.shared.store.put(request.sample_id.as_str(), &views, request.metadata.clone()),
+        });
+        match outcome.and_then(|r| wire::encode(&RefReply { r#ref: r, route: self.transport })) {
+            Ok(meta) => {
+                self.shared.metrics.put(self.transport, h.payload_len);
+                self.send_raw(Op::Put, h.request_id, flags::REPLY, &meta, &[])?;
+            }
+            Err(e) => self.send_error(h, &e)?,
+        }
+        Ok(Next::Continue)
+    }
+
+    fn put_alloc(&mut self, head: &FrameHead) -> Result<Next> {
+        let h = head.header;
+        self.skip_payload(&h)?;
+        let outcome = (|| {
+            if !self.shm {
+                return Err(Error::InvalidArgument(
+                    "PutAlloc needs the shared-memory route: connect over the Unix socket and ask for the arena".into(),
+                ));
+            }
+            if self.puts.len() >= self.shared.max_pending_puts {
+                return Err(Error::InvalidArgument(format!(
+                    "this connection already holds {} uncommitted puts (the limit); commit or cancel some",
+                    self.puts.len()
+                )));
+            }
+            let request = wire::decode::<wire::PutRequest>(&head.meta, "PutAlloc")?;
+            wire::payload_len(&request.tensors)?; // sizes must not overflow
+            let open = self.reserve(&request)?;
+            let placements =
+                open.reservation.objects().iter().map(|p| Placement { offset: p.offset, len: p.len }).collect();
+            let put_id = self.next_put;
+            self.next_put += 1;
+            self.puts.insert(put_id, open);
+            wire::encode(&wire::PutAllocReply { put_id, placements })
+        })();
+        match outcome {
+            Ok(meta) => self.send_raw(Op::PutAlloc, h.request_id, flags::REPLY | flags::SHM, &meta, &[])?,
+            Err(e) => self.send_error(&h, &e)?,
+        }
+        Ok(Next::Continue)
+    }
+
+    fn put_commit(&mut self, head: &FrameHead) -> Result<Vec<u8>> {
+        let req = wire::decode::<wire::PutCommitRequest>(&head.meta, "PutCommit")?;
+        let open = self.puts.remove(&req.put_id).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "PutCommit of unknown put_id {} (committed, cancelled or never allocated)",
+                req.put_id
+            ))
+        })?;
+        if req.cancel {
+            return Ok(b"{}".to_vec()); // dropping `open` frees the region and the admitted bytes
+        }
+        let bytes = open.pending.nbytes();
+        let r = self.publish(open)?;
+        self.shared.metrics.put(Route::Shm, bytes);
+        wire::encode(&RefReply { r#ref: r, route: Route::Shm })
+    }
+
+    fn get(&mut self, head: &FrameHead) -> Result<Next> {
+        let h = head.header;
+        self.skip_payload(&h)?;
+        let req = match wire::decode::<wire::GetRequest>(&head.meta, "Get") {
+            Ok(req) => req,
+            Err(e) => {
+                self.send_error(&h, &e)?;
+                return Ok(Next::Continue);
+            }
+        };
+        if self.leases.len() >= self.shared.max_leases {
+            let e = Error::InvalidArgument(format!(
+                "this connection holds {} read leases (the limit); release some",
+                self.leases.len()
+            ));
+            self.send_error(&h, &e)?;
+            return Ok(Next::Continue);
+        }
+        if self.shared.arena.is_some() && req.r#ref.scheme() != Some("file") {
+            return self.get_located(&h, &req);
+        }
+        let names: Option<Vec<&str>> = req.names.as_ref().map(|n| n.iter().map(String::as_str).collect());
+        let (tensors, handle) = match self.shared.store.get(&req.r#ref, names.as_deref()) {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.send_error(&h, &e)?;
+                return Ok(Next::Continue);
+            }
+        };
+        let reply = GetReply {
+            handle: handle.clone(),
+            tensors: tensors.iter().map(|(name, t)| WireTensor::of(name, &t.view())).collect(),
+            route: self.transport,
+            placements: None,
+        };
+        let payload: Vec<&[u8]> = tensors.values().map(|t| t.bytes()).collect();
+        let bytes = payload.iter().map(|p| p.len() as u64).sum();
+        self.send_lease(&h, &reply, &payload, None, bytes)
+    }
+
+    /// A get from the arena: the lease is taken with every check of the lifecycle core, and the
+    /// objects are located and pinned under it. Over the shared-memory route the reply carries
+    /// their placements and the pin lasts until the lease is released; otherwise the bytes go
+    /// from the arena to the socket and the pin ends with the write.
+    fn get_located(&mut self, h: &Header, req: &wire::GetRequest) -> Result<Next> {
+        let arena = self.shared.arena.as_ref().ok_or_else(|| Error::InvalidArgument("no arena".into()))?;
+        let r = &req.r#ref;
+        let prepared = wanted_features(r, req.names.as_deref());
+        let outcome = prepared.and_then(|wanted| {
+            let objects: Vec<&str> = wanted.iter().map(|w| w.object).collect();
+            self.shared
+                .store
+                .lease_with(r, |key| {
+                    let located = arena.locate(key, &objects)?;
+                    let sizes = located.objects.iter().map(|p| p.len);
+                    let checked = wanted.iter().zip(sizes).try_for_each(|(w, held)| {
+                        check_object_len(|| key.object(w.object).to_string(), held, w.nbytes)
+                    });
+                    match checked {
+                        Ok(()) => Ok(located),
+                        Err(e) => {
+                            unpin(arena, located.pin);
+                            Err(e)
+                        }
+                    }
+                })
+                .map(|(located, handle)| (wanted, located, handle))
+        });
+        let (wanted, located, handle) = match outcome {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.send_error(h, &e)?;
+                return Ok(Next::Continue);
+            }
+        };
+        let tensors: Vec<WireTensor> = wanted.iter().map(|w| w.wire.clone()).collect();
+        let bytes = located.objects.iter().map(|p| p.len).sum();
+        if self.shm && req.shm {
+            let placements = located.objects.iter().map(|p| Placement { offset: p.offset, len: p.len }).collect();
+            let reply = GetReply { handle, tensors, route: Route::Shm, placements: Some(placements) };
+            return self.send_lease(h, &reply, &[], Some(located.pin), bytes);
+        }
+        let reply = GetReply { handle, tensors, route: self.transport, placements: None };
+        let payload: Result<Vec<&[u8]>> =
+            located.objects.iter().map(|p| arena.arena().slice(p.offset, to_usize(p.len)?)).collect();
+        let sent = match payload {
+            Ok(payload) => self.send_lease(h, &reply, &payload, None, bytes),
+            Err(e) => {
+                let _ = self.shared.store.release(&reply.handle);
+                self.send_error(h, &e).map(|()| Next::Continue)
+            }
+        };
+        unpin(arena, located.pin);
+        sent
+    }
+
+    /// Sends a get's reply and records its lease (and pin) as this connection's; a lease the
+    /// client never received is released here.
+    fn send_lease(
+        &mut self,
+        h: &Header,
+        reply: &GetReply,
+        payload: &[&[u8]],
+        pin: Option<PinId>,
+        bytes: u64,
+    ) -> Result<Next> {
+        let meta = wire::encode(reply)?;
+        let handle = reply.handle.clone();
+        self.leases.insert(handle.lease_token.to_string(), HeldLease { handle: handle.clone(), pin });
+        let flags = if reply.route == Route::Shm { flags::REPLY | flags::SHM } else { flags::REPLY };
+        if let Err(e) = self.send_raw(Op::Get, h.request_id, flags, &meta, payload) {
+            self.drop_lease(handle.lease_token.as_str());
+            return Err(e);
+        }
+        self.shared.metrics.get(reply.route, bytes);
+        Ok(Next::Continue)
+    }
+
+    fn release(&mut self, head: &FrameHead) -> Result<Vec<u8>> {
+        let req = wire::decode::<wire::ReleaseRequest>(&head.meta, "Release")?;
+        let held = self.leases.remove(req.handle.lease_token.as_str());
+        let released = self.shared.store.release(&req.handle);
+        // The pin goes after the release: a free the release triggers waits for it.
+        if let (Some(HeldLease { pin: Some(pin), .. }), Some(arena)) = (held, &self.shared.arena) {
+            unpin(arena, pin);
+        }
+        released?;
+        Ok(b"{}".to_vec())
+    }
+
+    fn drop_lease(&mut self, token: &str) {
+        if let Some(held) = self.leases.remove(token) {
+            if let Err(e) = self.shared.store.release(&held.handle) {
+                tracing::warn!(peer = %self.peer, error = %e, "releasing a disconnected client's lease");
+            }
+            if let (Some(pin), Some(arena)) = (held.pin, &self.shared.arena) {
+                unpin(arena, pin);
+            }
+        }
+    }
+
+    fn drain(&mut self, head: &FrameHead) -> Result<Vec<u8>> {
+        let req = wire::decode::<wire::DrainRequest>(&head.meta, "Drain")?;
+        let policy = DrainPolicy {
+            max_attempts: req.max_attempts,
+            retry_interval: Duration::from_millis(req.retry_interval_ms),
+        };
+        let report = match req.sample_ids {
+            Some(ids) => {
+                let ids: Vec<ferry_core::SampleId> = ids.into_iter().map(Into::into).collect();
+                self.shared.store.drain_samples(&ids, policy)?
+            }
+            None => self.shared.store.drain(policy)?,
+        };
+        wire::encode(&report)
+    }
+
+    /// Releases everything this connection still holds (the client closed or died): leases
+    /// and their pins, and uncommitted reservations.
+    pub(super) fn close(&mut self) {
+        let tokens: Vec<String> = self.leases.keys().cloned().collect();
+        for token in tokens {
+            self.drop_lease(&token);
+        }
+        self.puts.clear();
+    }
+
+    /// Answers an error to a request whose payload is still in the stream.
+    fn refuse_payload(&mut self, h: &Header, e: &Error) -> Result<Next> {
+        self.skip_payload(h)?;
+        self.send_error(h, e)?;
+        Ok(Next::Continue)
+    }
+
+    /// Reads and drops a payload the request did not use, keeping the stream framed.
+    fn skip_payload(&mut self, h: &Header) -> Result<()> {
+        if h.payload_len == 0 {
+            return Ok(());
+        }
+        let copied = io::copy(&mut (&mut self.stream).take(h.payload_len), &mut io::sink())
+            .map_err(|e| Error::io(format!("skipping a payload from {}", self.peer), &e))?;
+        if copied != h.payload_len {
+            return Err(Error::io(
+                format!("skipping a payload from {}", self.peer),
+                &io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended inside a payload"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn send<T: serde::Serialize>(
+        &mut self,
+        op: Op,
+        request_id: u64,
+        flags: u32,
+        meta: &T,
+        payload: &[&[u8]],
+    ) -> Result<()> {
+        let meta = wire::encode(meta)?;
+        self.send_raw(op, request_id, flags, &meta, payload)
+    }
+
+    fn send_raw(&mut self, op: Op, request_id: u64, flags: u32, meta: &[u8], payload: &[&[u8]]) -> Result<()> {
+        let meta_len =
+            u32::try_from(meta.len()).map_err(|_| Error::InvalidArgument("reply metadata too large".into()))?;
+        let payload_len = payload.iter().map(|p| p.len() as u64).sum();
+        let header = Header { op, flags, request_id, meta_len, payload_len };
+        write_head(&mut self.stream, &header, meta, payload)
+    }
+
+    fn send_error(&mut self, h: &Header, error: &Error) -> Result<()> {
+        self.shared.metrics.error(error);
+        self.send(h.op, h.request_id, flags::REPLY | flags::ERROR, &ErrorReply::of(error), &[])
+    }
+}
+
+/// One feature a get asks for: its backend object, its size by the ref's spec, and how it is
+/// described on the wire.
+struct Wanted<'r> {
+    object: &'r str,
+    nbytes: u64,
+    wire: WireTensor,
+}
+
+/// The features a get names (all of the ref's when `names` is absent), checked against the
+/// ref's specs.
+fn wanted_features<'r>(r: &'r SampleRef, names: Option<&'r [String]>) -> Result<Vec<Wanted<'r>>> {
+    let names: Vec<&str> = match names {
+        Some(n) => n.iter().map(String::as_str).collect(),
+        None => r.feature_keys.keys().map(String::as_str).collect(),
+    };
+    if names.is_empty() {
+        return Err(Error::InvalidArgument(format!("get of sample {} names no features", r.sample_id)));
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let key = r
+                .feature_keys
+                .get(name)
+                .ok_or_else(|| Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) })?;
+            let spec: &FeatureSpec = r.feature_specs.get(name).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "ref for sample {} has no spec for feature {name:?}; only file:// refs can be read without specs",
+                    r.sample_id
+                ))
+            })?;
+            let nbytes = spec.nbytes()?;
+            let wire = WireTensor { name: name.to_owned(), dtype: spec.dtype.clone(), shape: spec.shape.clone() };
+            Ok(Wanted { object: raw_key(key), nbytes, wire })
+        })
+        .collect()
+}
+
+/// An object holds exactly the bytes its spec says (the lifecycle core's rule 6).
+fn check_object_len(what: impl FnOnce() -> String, held: u64, expected: u64) -> Result<()> {
+    if held < expected {
+        return Err(Error::ShortRead { key: what(), got: held, expected });
+    }
+    if held > expected {
+        return Err(Error::Corrupt {
+            what: what(),
+            message: format!("holds {held} bytes but the ref's spec needs {expected}; the ref does not describe it"),
+        });
+    }
+    Ok(())
+}
+
+fn unpin(arena: &ferry_shm::ArenaBackend, pin: PinId) {
+    if let Err(e) = arena.unpin(pin) {
+        tracing::warn!(error = %e, "unpinning an arena region");
+    }
+}
+
+fn to_usize(n: u64) -> Result<usize> {
+    usize::try_from(n).map_err(|_| Error::InvalidArgument(format!("{n} bytes do not fit in memory")))
+}
+
+/// Views over a staged payload, one per tensor in order.
+fn stage_views<'b>(tensors: &'b [WireTensor], buf: &'b [u8]) -> Result<Vec<(&'b str, TensorView<'b>)>> {
+    let mut offset = 0usize;
+    let mut views = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let n = usize::try_from(t.nbytes()?).map_err(|_| Error::InvalidArgument("tensor too large".into()))?;
+        let bytes = buf
+            .get(offset..offset + n)
+            .ok_or_else(|| Error::InvalidArgument(format!("tensor {:?} runs past the payload", t.name)))?;
+        views.push((t.name.as_str(), TensorView::new(t.dtype()?, &t.shape, bytes)?));
+        offset += n;
+    }
+    Ok(views)
+}
