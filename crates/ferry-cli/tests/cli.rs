@@ -309,3 +309,121 @@ fn ingest_of_an_empty_folder_fails_before_claiming() {
     assert!(!PathBuf::from(format!("{}.producer_claim", manifest.display())).exists());
     assert!(!PathBuf::from(format!("{}.done", manifest.display())).exists());
 }
+
+/// A `ferry serve` process, killed if the test fails before it stops it.
+struct Served {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    fn start(args: &[&str]) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .arg("serve")
+            .args(args)
+            .env_remove("FERRY_AUTH_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ferry serve starts");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut served = Served { child, stdout };
+        served.read_until("ready");
+        served
+    }
+
+    /// Lines up to and including the first that contains `want` (a closed stdout fails).
+    fn read_until(&mut self, want: &str) -> String {
+        use std::io::BufRead;
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(self.stdout.read_line(&mut line).expect("reading ferry serve") > 0, "no {want:?} in:\n{seen}");
+            seen.push_str(&line);
+            if line.contains(want) {
+                return seen;
+            }
+        }
+    }
+
+    fn sigterm_and_wait(&mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
+        let report = self.read_until("stopped:");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for ferry serve") {
+                return (status, report);
+            }
+            assert!(std::time::Instant::now() < deadline, "ferry serve did not exit after SIGTERM");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn serve_answers_status_with_a_secret_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("ferry.sock");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").expect("writing the secret");
+    let (socket_s, secret_s) = (socket.to_str().expect("utf-8"), secret.to_str().expect("utf-8"));
+    let mut served = Served::start(&[
+        "--socket",
+        socket_s,
+        "--listen",
+        "127.0.0.1:0",
+        "--capacity",
+        "32MiB",
+        "--store-id",
+        "node0",
+        "--secret-file",
+        secret_s,
+    ]);
+    let uri = format!("ferry+unix://{socket_s}");
+    let (stdout, _) = success(&["status", &uri, "--secret-file", secret_s, "--json"]);
+    let health: serde_json::Value = serde_json::from_str(stdout.trim()).expect("status --json is one object");
+    assert_eq!(health["store_id"], "node0");
+    assert_eq!(health["backend"], "arena");
+    assert_eq!(health["max_resident_bytes"], 32 << 20);
+    assert_eq!(health["auth_required"], true);
+    // Without the secret: a clear error, exit 1.
+    let out = ferry(&["status", &uri]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("requires a shared secret"), "{}", text(&out.stderr));
+    let (status, report) = served.sigterm_and_wait();
+    assert!(status.success(), "{status}\n{report}");
+    assert!(report.contains("stopped: 0 sample(s)"), "{report}");
+    assert!(!socket.exists(), "the socket file is removed on stop");
+}
+
+#[test]
+fn serve_needs_somewhere_to_listen_and_a_sane_capacity() {
+    let out = ferry(&["serve"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--listen"), "{}", text(&out.stderr));
+    let out = ferry(&["serve", "--socket", "/tmp/x.sock", "--capacity", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not a size like 64MiB"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bench_transfer_json_has_the_fields_scripts_rely_on() {
+    for route in ["shm", "tcp"] {
+        let (stdout, _) = success(&["bench", "transfer", "--size", "1MiB", "--iters", "2", "--route", route, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+        assert_eq!(v["route"], route);
+        assert_eq!(v["served_route"], route);
+        assert_eq!(v["size"], 1 << 20);
+        for key in ["put_gbps", "get_gbps", "memcpy_gbps", "tcp_raw_gbps", "get_4k_p50_us"] {
+            assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+        }
+    }
+}

@@ -586,4 +586,60 @@ fn a_sigkilled_clients_leases_are_released() {
     holder.kill().unwrap(); // SIGKILL
     wait_exit(&mut holder);
     wait_until("the killed client's lease", || daemon.active_leases() == 0);
+    // Its shared-memory pin went with the lease: the region is freed once the sample is.
+    producer.abort(&SampleId::new("s0")).unwrap();
+    assert_eq!(daemon.arena_used(), 0, "a killed client's pins are released");
+}
+
+/// A daemon that dies in the middle of a reply's payload (simulated deterministically: a fake
+/// daemon that greets, authenticates, then sends half of a Get's payload and closes).
+#[test]
+fn a_daemon_dying_mid_transfer_gives_a_clear_error_never_partial_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let real = Daemon::start();
+    let r = put(&Client::connect(&real.tcp()).unwrap(), "s0", 1);
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let hello = br#"{"version":1,"store_id":"daemon","max_payload":1000000,"challenge":"00","auth_required":false,"shm":false}"#;
+        let h = Header { op: Op::Hello, flags: 0, request_id: 0, meta_len: hello.len() as u32, payload_len: 0 };
+        write_head(&mut s, &h, hello, &[]).unwrap();
+        let auth = read_head(&mut s, &Limits::default()).unwrap().unwrap();
+        let h = Header {
+            op: Op::Auth,
+            flags: flags::REPLY,
+            request_id: auth.header.request_id,
+            meta_len: 2,
+            payload_len: 0,
+        };
+        write_head(&mut s, &h, b"{}", &[]).unwrap();
+        let get = read_head(&mut s, &Limits::default()).unwrap().unwrap();
+        let meta = serde_json::to_vec(&serde_json::json!({
+            "handle": {"sample_id": "s0", "generation": 1, "lease_token": "t"},
+            "tensors": [{"name": "hidden", "dtype": "bfloat16", "shape": [1, 4, 8]},
+                        {"name": "input_ids", "dtype": "int64", "shape": [4]}],
+            "route": "unix",
+        }))
+        .unwrap();
+        let h = Header {
+            op: Op::Get,
+            flags: flags::REPLY,
+            request_id: get.header.request_id,
+            meta_len: meta.len() as u32,
+            payload_len: 96,
+        };
+        let mut head = h.encode().to_vec();
+        head.extend_from_slice(&meta);
+        head.extend_from_slice(&[0xAB; 40]); // 40 of 96 payload bytes, then death
+        s.write_all(&head).unwrap();
+    });
+    let options = ConnectOptions { route: RoutePreference::Stream, ..ConnectOptions::default() };
+    let client = Client::connect_with(&format!("ferry+unix://{}", path.display()), options).unwrap();
+    let err = read_back(&client, &r).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "a connection error, never partial data: {err}");
+    assert!(err.to_string().contains("closed") || err.to_string().contains("failed to fill"), "{err}");
+    fake.join().unwrap();
+    let again = read_back(&client, &r).unwrap_err();
+    assert!(again.to_string().contains("connect again"), "{again}");
 }

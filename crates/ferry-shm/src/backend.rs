@@ -151,6 +151,23 @@ impl ArenaBackend {
         &self.arena
     }
 
+    /// Test seam: makes an object report only its first `keep` bytes (simulates a truncated
+    /// object; the region itself is untouched and freed as usual).
+    pub fn truncate_object(&self, object: ObjectKey<'_>, keep: u64) -> Result<()> {
+        let mut state = self.lock("truncate")?;
+        let entry = state
+            .entries
+            .get_mut(&owned(object.sample))
+            .ok_or_else(|| Error::NotFound { what: format!("object {object}") })?;
+        let placed = entry
+            .objects
+            .iter_mut()
+            .find(|o| o.name == object.name)
+            .ok_or_else(|| Error::NotFound { what: format!("object {object}") })?;
+        placed.len = placed.len.min(keep);
+        Ok(())
+    }
+
     fn lock(&self, operation: &str) -> Result<MutexGuard<'_, State>> {
         self.state.lock().map_err(|_| Error::Backend {
             backend: "arena".into(),

@@ -170,7 +170,12 @@ impl<'a, S: Read + Write> Connection<'a, S> {
                 .store
                 .discard_external_attempts()
                 .and_then(|count| wire::encode(&wire::CountReply { count: count as u64 })),
-            Op::Health => wire::encode(&self.shared.store.health()),
+            Op::Health => {
+                let mut health = self.shared.store.health();
+                // Clients authenticate to the daemon, not to its store.
+                health.auth_required |= self.shared.secret.is_some();
+                wire::encode(&health)
+            }
             Op::Ping => Ok(b"{}".to_vec()),
             Op::Bye => {
                 self.skip_payload(h)?;

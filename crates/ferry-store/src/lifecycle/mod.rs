@@ -207,7 +207,7 @@ impl PendingPut<'_> {
     /// superseded (freed) as by [`FeatureStore::put`].
     pub fn commit(self) -> SampleRef {
         let store = self.store;
-        store.commit_put(self)
+        store.commit_put(self, true)
     }
 }
 
@@ -361,19 +361,58 @@ impl FeatureStore {
         let objects: Vec<ObjectData<'_>> =
             tensors.iter().map(|(name, tensor)| ObjectData { name, tensor: *tensor }).collect();
         self.inner.backend.write(pending.key(), &objects)?; // on error the reservation is returned
-        let sid = pending.sid.clone();
-        let r = pending.commit();
-        if let Some(dir) = &self.inner.options.dump_dir {
-            // The sample id must be one path component: `..` or `/` must not escape `dir`.
-            let dumped = crate::dir::validate_path_component("sample id", sid.as_str()).and_then(|()| {
-                let path = dir.join(format!("{sid}.ckpt"));
-                crate::dir::write_sample_file(&path, crate::dir::DirFormat::TorchZip, &objects)
-            });
-            if let Err(e) = dumped {
-                tracing::warn!(dir = %dir.display(), sample = %sid, error = %e, "feature dump failed; the put stands");
-            }
+        self.dump(&pending.sid, &objects);
+        Ok(self.commit_put(pending, false))
+    }
+
+    /// The debug tap: writes the put's objects to `<dump_dir>/<sample_id>.ckpt`. A failure is
+    /// logged, never raised: the store is authoritative.
+    fn dump(&self, sid: &SampleId, objects: &[ObjectData<'_>]) {
+        let Some(dir) = &self.inner.options.dump_dir else { return };
+        // The sample id must be one path component: `..` or `/` must not escape `dir`.
+        let dumped = crate::dir::validate_path_component("sample id", sid.as_str()).and_then(|()| {
+            let path = dir.join(format!("{sid}.ckpt"));
+            crate::dir::write_sample_file(&path, crate::dir::DirFormat::TorchZip, objects)
+        });
+        if let Err(e) = dumped {
+            tracing::warn!(dir = %dir.display(), sample = %sid, error = %e, "feature dump failed; the put stands");
         }
-        Ok(r)
+    }
+
+    /// The dump tap for a put the caller wrote itself: its bytes are read back from the
+    /// backend (only when the tap is on).
+    fn dump_written(&self, pending: &PendingPut<'_>) {
+        if self.inner.options.dump_dir.is_none() {
+            return;
+        }
+        let read_back = (|| {
+            let mut bufs = Vec::with_capacity(pending.names.len());
+            for name in &pending.names {
+                let spec = pending
+                    .specs
+                    .get(name)
+                    .ok_or_else(|| Error::NotFound { what: format!("feature {name:?} of sample {}", pending.sid) })?;
+                let mut buf = vec![0u8; usize::try_from(spec.nbytes()?).unwrap_or(0)];
+                self.inner.backend.read_into(pending.key().object(name), &mut buf)?;
+                bufs.push((name.as_str(), spec.dtype()?, spec.shape.clone(), buf));
+            }
+            Ok::<_, Error>(bufs)
+        })();
+        match read_back {
+            Ok(bufs) => {
+                let views: Result<Vec<ObjectData<'_>>> = bufs
+                    .iter()
+                    .map(|(name, dtype, shape, buf)| {
+                        Ok(ObjectData { name, tensor: TensorView::new(*dtype, shape, buf)? })
+                    })
+                    .collect();
+                match views {
+                    Ok(views) => self.dump(&pending.sid, &views),
+                    Err(e) => tracing::warn!(sample = %pending.sid, error = %e, "feature dump failed; the put stands"),
+                }
+            }
+            Err(e) => tracing::warn!(sample = %pending.sid, error = %e, "feature dump failed; the put stands"),
+        }
     }
 
     /// Starts a put whose bytes the caller writes into the backend itself (the daemon's
@@ -414,8 +453,12 @@ impl FeatureStore {
         })
     }
 
-    /// Publishes a written put in the index (see [`FeatureStore::begin_put`]).
-    fn commit_put(&self, pending: PendingPut<'_>) -> SampleRef {
+    /// Publishes a written put in the index (see [`FeatureStore::begin_put`]); `tap` runs the
+    /// dump tap on the written bytes.
+    fn commit_put(&self, pending: PendingPut<'_>, tap: bool) -> SampleRef {
+        if tap {
+            self.dump_written(&pending);
+        }
         let PendingPut { sid, generation, specs, names, nbytes, metadata, reservation, .. } = pending;
         let mut jobs = Vec::new();
         let mut counted_twice = 0;
