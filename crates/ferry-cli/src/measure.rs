@@ -63,6 +63,33 @@ pub(crate) fn memcpy_gbps(bytes: usize, caches: &mut CacheFlush) -> f64 {
     gbps(bytes as u64, best)
 }
 
+/// Single-thread memcpy between a warm heap buffer and a pre-faulted shared-memory arena of the
+/// kind the daemon uses (a memfd, huge pages only where the host's shmem THP mode allows), as
+/// (into the arena, out of it) in GB/s. On a host whose shmem pages are 4 KiB this is the limit
+/// a same-node put or get can reach, lower than [`memcpy_gbps`] between huge-page heap buffers.
+pub(crate) fn memcpy_shm_gbps(bytes: usize, caches: &mut CacheFlush) -> anyhow::Result<(f64, f64)> {
+    let arena = ferry_shm::Arena::create("memcpy-reference", bytes as u64, ferry_shm::ArenaOptions::default())?;
+    let mut heap = AlignedBuf::zeroed(bytes);
+    heap.fill(0x5a);
+    let mut time = |into: bool| -> anyhow::Result<Duration> {
+        let mut best = Duration::MAX;
+        for _ in 0..RUNS {
+            caches.flush();
+            let start = Instant::now();
+            if into {
+                arena.write_at(0, black_box(&heap))?;
+            } else {
+                arena.read_at(0, black_box(&mut heap))?;
+            }
+            best = best.min(start.elapsed());
+        }
+        Ok(best)
+    };
+    let into = time(true)?;
+    let out = time(false)?;
+    Ok((gbps(bytes as u64, into), gbps(bytes as u64, out)))
+}
+
 /// The shortest per-iteration time over [`RUNS`] runs of `iters` calls of `f`, after one
 /// untimed warm-up call.
 pub(crate) fn best_per_iter(iters: u64, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {

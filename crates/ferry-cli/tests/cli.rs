@@ -422,7 +422,15 @@ fn bench_transfer_json_has_the_fields_scripts_rely_on() {
         assert_eq!(v["route"], route);
         assert_eq!(v["served_route"], route);
         assert_eq!(v["size"], 1 << 20);
-        for key in ["put_gbps", "get_gbps", "memcpy_gbps", "tcp_raw_gbps", "get_4k_p50_us"] {
+        for key in [
+            "put_gbps",
+            "get_gbps",
+            "memcpy_gbps",
+            "tcp_raw_gbps",
+            "memcpy_into_shm_gbps",
+            "memcpy_from_shm_gbps",
+            "get_4k_p50_us",
+        ] {
             assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
         }
     }

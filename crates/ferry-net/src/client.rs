@@ -7,7 +7,9 @@
 //! `get_into` reads the payload straight from the socket into the caller's buffers.
 //!
 //! A call is one round trip under the connection's lock, so a `Client` may be shared between
-//! threads (their calls take turns). A broken connection stays broken: every later call fails
+//! threads (their calls take turns). Batches of small calls ([`Client::get_into_many`],
+//! [`Client::release_many`]) are pipelined: many requests in flight on the one connection, the
+//! replies read in order, so a batch costs about one round trip, not one per sample. A broken connection stays broken: every later call fails
 //! with an error that says to reconnect, and the daemon has already released the leases this
 //! connection held.
 
@@ -26,6 +28,24 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Most requests a pipelined batch keeps in flight.
+pub const PIPELINE_WINDOW: usize = 32;
+
+/// Most request-metadata bytes a pipelined batch keeps in flight (one request is always allowed):
+/// well under a socket's buffer, so the client never blocks writing a request while the daemon
+/// blocks writing a reply the client has not read yet.
+pub const PIPELINE_WINDOW_BYTES: usize = 64 << 10;
+
+/// One entry of [`Client::get_into_many`]: a ref and the caller's buffers for its features
+/// (each exactly the feature's size).
+#[derive(Debug)]
+pub struct GetInto<'a> {
+    /// The sample to read.
+    pub r: &'a SampleRef,
+    /// `(feature name, buffer)` pairs.
+    pub dsts: Vec<(&'a str, &'a mut [u8])>,
+}
 
 /// Which route a client's bytes take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -289,6 +309,55 @@ impl Client {
         }
     }
 
+    /// Sends `metas.len()` requests of one `op` without waiting for each reply: up to
+    /// [`PIPELINE_WINDOW`] requests (and [`PIPELINE_WINDOW_BYTES`] of request metadata) are in
+    /// flight at once, and replies are read in order as they arrive. The daemon serves a
+    /// connection's requests in order, so this saves a round trip per request, which is most of
+    /// the cost of a small get. Each request's own outcome is returned; the outer error means the
+    /// connection broke (every request not yet answered then failed with it).
+    fn call_pipelined<R>(
+        &self,
+        op: Op,
+        metas: &[Vec<u8>],
+        mut on_reply: impl FnMut(usize, &FrameHead, &mut dyn Read) -> Result<R>,
+    ) -> Result<Vec<Result<R>>> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let first_id = conn.next_id;
+        conn.next_id += metas.len() as u64;
+        let Some(stream) = conn.stream.as_mut() else {
+            return Err(self.broken());
+        };
+        let mut outcomes = Vec::with_capacity(metas.len());
+        let (mut sent, mut in_flight_bytes) = (0usize, 0usize);
+        let mut pump = |stream: &mut Stream| -> Result<()> {
+            while outcomes.len() < metas.len() {
+                while sent < metas.len()
+                    && sent - outcomes.len() < PIPELINE_WINDOW
+                    && (sent == outcomes.len() || in_flight_bytes + metas[sent].len() <= PIPELINE_WINDOW_BYTES)
+                {
+                    send_request(stream, op, first_id + sent as u64, &metas[sent], &[])?;
+                    in_flight_bytes += metas[sent].len();
+                    sent += 1;
+                }
+                let i = outcomes.len();
+                let outcome =
+                    receive_reply(stream, &self.peer, &self.limits, op, first_id + i as u64, |head, body| {
+                        on_reply(i, head, body)
+                    })?;
+                in_flight_bytes -= metas[i].len();
+                outcomes.push(outcome);
+            }
+            Ok(())
+        };
+        match pump(stream) {
+            Ok(()) => Ok(outcomes),
+            Err(e) => {
+                conn.stream = None;
+                Err(e)
+            }
+        }
+    }
+
     fn broken(&self) -> Error {
         Error::Io {
             context: format!("ferry daemon {}", self.peer),
@@ -395,39 +464,109 @@ impl Client {
         self.get_into_impl(r, dsts, true)
     }
 
+    /// [`Client::get_into`] for many samples at once, pipelined (see the module docs): each
+    /// entry's buffers receive its sample and its result is its lease (or why not). Use it to
+    /// fetch many small samples, where a round trip per sample would dominate. The outer error
+    /// means the connection broke; the daemon then released every lease this batch took.
+    pub fn get_into_many(&self, batch: &mut [GetInto<'_>]) -> Result<Vec<Result<FeatureHandle>>> {
+        let shm = self.arena.is_some();
+        // Entries that fail the local buffer check are not sent (no lease to hand back).
+        let mut checked: Vec<Option<Error>> = Vec::with_capacity(batch.len());
+        let mut sent_index = Vec::with_capacity(batch.len());
+        let mut metas = Vec::with_capacity(batch.len());
+        for (i, entry) in batch.iter().enumerate() {
+            match Self::check_buffers(entry.r, &entry.dsts, false) {
+                Ok(()) => {
+                    let names = entry.dsts.iter().map(|(n, _)| (*n).to_owned()).collect();
+                    metas.push(wire::encode(&wire::GetRequest { r#ref: entry.r.clone(), names: Some(names), shm })?);
+                    sent_index.push(i);
+                    checked.push(None);
+                }
+                Err(e) => checked.push(Some(e)),
+            }
+        }
+        let replies = self.call_pipelined(Op::Get, &metas, |k, head, stream| {
+            let dsts = &mut batch[sent_index[k]].dsts;
+            self.receive_get_into(head, stream, dsts, false)
+        })?;
+        let mut replies = replies.into_iter();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut to_release = Vec::new();
+        for failed in checked {
+            out.push(match failed {
+                Some(e) => Err(e),
+                None => match replies.next() {
+                    Some(Ok((reply, None))) => Ok(reply.handle),
+                    Some(Ok((reply, Some(mismatch)))) => {
+                        to_release.push(reply.handle);
+                        Err(mismatch)
+                    }
+                    Some(Err(e)) => Err(e),
+                    None => Err(Error::InvalidArgument("get_into_many: a reply went missing".into())),
+                },
+            });
+        }
+        // Leases taken for buffers that did not fit go back before the caller hears why.
+        for result in self.release_many(&to_release)? {
+            result?;
+        }
+        Ok(out)
+    }
+
+    /// [`Client::release`] for many handles at once, pipelined. Each handle's own outcome is
+    /// returned; the outer error means the connection broke.
+    pub fn release_many(&self, handles: &[FeatureHandle]) -> Result<Vec<Result<()>>> {
+        let metas = handles
+            .iter()
+            .map(|handle| wire::encode(&wire::ReleaseRequest { handle: handle.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        self.call_pipelined(Op::Release, &metas, |_, _, _| Ok(()))
+    }
+
+    /// Reads a `Get` reply's tensors into `dsts` (from the arena, or from the stream). Returns
+    /// the reply and, if the buffers did not fit the daemon's tensors, why (nothing was read).
+    fn receive_get_into(
+        &self,
+        head: &FrameHead,
+        stream: &mut dyn Read,
+        dsts: &mut [(&str, &mut [u8])],
+        prefix: bool,
+    ) -> Result<(GetReply, Option<Error>)> {
+        let reply: GetReply = wire::decode(&head.meta, "Get reply")?;
+        let mismatch = check_destinations(&reply.tensors, dsts, prefix);
+        if mismatch.is_none() {
+            match (&reply.placements, &self.arena) {
+                (Some(places), Some(arena)) => {
+                    for ((_, dst), place) in dsts.iter_mut().zip(places) {
+                        let n = dst.len() as u64;
+                        if n > place.len {
+                            return Err(corrupt_placement(place, n));
+                        }
+                        arena.read_at(place.offset, dst)?;
+                    }
+                }
+                _ => {
+                    for ((_, dst), t) in dsts.iter_mut().zip(&reply.tensors) {
+                        stream.read_exact(dst).map_err(|e| Error::io("reading a Get payload", &e))?;
+                        // A prefix read leaves the rest of the feature in the stream.
+                        let rest = t.nbytes()?.saturating_sub(dst.len() as u64);
+                        io::copy(&mut (&mut *stream).take(rest), &mut io::sink())
+                            .map_err(|e| Error::io("reading a Get payload", &e))?;
+                    }
+                }
+            }
+        }
+        Ok((reply, mismatch))
+    }
+
     fn get_into_impl(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])], prefix: bool) -> Result<FeatureHandle> {
         Self::check_buffers(r, dsts, prefix)?;
         let names: Vec<String> = dsts.iter().map(|(n, _)| (*n).to_owned()).collect();
         let shm = self.arena.is_some();
         let request = wire::GetRequest { r#ref: r.clone(), names: Some(names), shm };
         let meta = wire::encode(&request)?;
-        let (reply, mismatch) = self.call(Op::Get, &meta, &[], |head, stream| {
-            let reply: GetReply = wire::decode(&head.meta, "Get reply")?;
-            let mismatch = check_destinations(&reply.tensors, dsts, prefix);
-            if mismatch.is_none() {
-                match (&reply.placements, &self.arena) {
-                    (Some(places), Some(arena)) => {
-                        for ((_, dst), place) in dsts.iter_mut().zip(places) {
-                            let n = dst.len() as u64;
-                            if n > place.len {
-                                return Err(corrupt_placement(place, n));
-                            }
-                            arena.read_at(place.offset, dst)?;
-                        }
-                    }
-                    _ => {
-                        for ((_, dst), t) in dsts.iter_mut().zip(&reply.tensors) {
-                            stream.read_exact(dst).map_err(|e| Error::io("reading a Get payload", &e))?;
-                            // A prefix read leaves the rest of the feature in the stream.
-                            let rest = t.nbytes()?.saturating_sub(dst.len() as u64);
-                            io::copy(&mut (&mut *stream).take(rest), &mut io::sink())
-                                .map_err(|e| Error::io("reading a Get payload", &e))?;
-                        }
-                    }
-                }
-            }
-            Ok((reply, mismatch))
-        })?;
+        let (reply, mismatch) =
+            self.call(Op::Get, &meta, &[], |head, stream| self.receive_get_into(head, stream, dsts, prefix))?;
         if let Some(mismatch) = mismatch {
             // The lease was taken; give it back before reporting the caller's mistake.
             self.release(&reply.handle)?;
@@ -769,10 +908,28 @@ fn exchange<R>(
     payload: &[&[u8]],
     on_reply: impl FnOnce(&FrameHead, &mut dyn Read) -> Result<R>,
 ) -> Result<Result<R>> {
+    send_request(stream, op, request_id, meta, payload)?;
+    receive_reply(stream, peer, limits, op, request_id, on_reply)
+}
+
+/// Writes one request frame.
+fn send_request(stream: &mut Stream, op: Op, request_id: u64, meta: &[u8], payload: &[&[u8]]) -> Result<()> {
     let meta_len =
         u32::try_from(meta.len()).map_err(|_| Error::InvalidArgument("request metadata too large".into()))?;
     let payload_len = payload.iter().map(|p| p.len() as u64).sum();
-    write_head(stream, &Header { op, flags: 0, request_id, meta_len, payload_len }, meta, payload)?;
+    write_head(stream, &Header { op, flags: 0, request_id, meta_len, payload_len }, meta, payload)
+}
+
+/// Reads the reply to request `request_id`: the outer `Result` is the connection's (a failure
+/// breaks it), the inner one the request's (an `ERROR` reply or `on_reply`'s error).
+fn receive_reply<R>(
+    stream: &mut Stream,
+    peer: &str,
+    limits: &Limits,
+    op: Op,
+    request_id: u64,
+    on_reply: impl FnOnce(&FrameHead, &mut dyn Read) -> Result<R>,
+) -> Result<Result<R>> {
     let head = read_head(stream, limits)?.ok_or_else(|| {
         Error::io(
             "reading a daemon reply",

@@ -29,7 +29,7 @@ pub mod frame;
 pub mod server;
 pub mod wire;
 
-pub use client::{BorrowedSample, Client, ConnectOptions, RoutePreference};
+pub use client::{BorrowedSample, Client, ConnectOptions, GetInto, PIPELINE_WINDOW, RoutePreference};
 pub use frame::{FrameHead, Header, Limits, Op, read_head, write_head};
 pub use server::metrics::Metrics;
 pub use server::{DaemonConfig, DaemonHandle, arena_store, start};

@@ -167,6 +167,94 @@ fn consume_once_over_every_route(daemon: &Daemon) {
 }
 
 #[test]
+fn pipelined_batches_read_many_samples_each_with_its_own_outcome() {
+    for daemon in [Daemon::start(), Daemon::mem()] {
+        for uri in [daemon.tcp(), daemon.unix()] {
+            let client = Client::connect(&uri).unwrap();
+            // More samples than the pipeline window, so the window slides.
+            let n = ferry_net::PIPELINE_WINDOW * 3 + 5;
+            let refs: Vec<_> = (0..n).map(|i| put(&client, &format!("run0:p{i}"), i as u8)).collect();
+            // One sample is gone before the batch (a remote error), one entry has a wrong buffer
+            // (refused before it is sent): neither disturbs the others.
+            client.abort(&refs[7].sample_id).unwrap();
+            let mut hidden = vec![vec![0u8; 64]; n];
+            let mut ids = vec![vec![0u8; 32]; n];
+            ids[11] = vec![0u8; 8];
+            let mut batch: Vec<ferry_net::GetInto<'_>> = refs
+                .iter()
+                .zip(hidden.iter_mut().zip(ids.iter_mut()))
+                .map(|(r, (h, i))| ferry_net::GetInto {
+                    r,
+                    dsts: vec![("hidden", &mut h[..]), ("input_ids", &mut i[..])],
+                })
+                .collect();
+            let results = client.get_into_many(&mut batch).unwrap();
+            drop(batch);
+            assert_eq!(results.len(), n);
+            let mut handles = Vec::new();
+            for (i, result) in results.into_iter().enumerate() {
+                match i {
+                    7 => assert!(result.unwrap_err().is_not_available(), "{uri}: aborted sample"),
+                    11 => assert!(matches!(result, Err(Error::InvalidArgument(_))), "{uri}: wrong buffer"),
+                    _ => {
+                        let (want_hidden, want_ids) = sample(i as u8);
+                        assert_eq!(hidden[i], want_hidden, "{uri}: sample {i}");
+                        assert_eq!(ids[i], ids_bytes(&want_ids), "{uri}: sample {i}");
+                        handles.push(result.unwrap());
+                    }
+                }
+            }
+            assert_eq!(daemon.active_leases(), n as u64 - 2, "{uri}: no lease for the failed entries");
+            // A handle twice in one batch: releasing is idempotent, as in the core.
+            let mut twice = handles.clone();
+            twice.insert(3, handles[2].clone());
+            let released = client.release_many(&twice).unwrap();
+            assert!(released.iter().all(Result::is_ok), "{uri}: {released:?}");
+            let health = daemon.handle.store().health();
+            // Sample 11 was never read (its entry was refused locally), so it stays.
+            assert_eq!((health.active_leases, health.resident_samples), (0, 1), "{uri}");
+            client.abort(&refs[11].sample_id).unwrap();
+            assert!(client.get_into_many(&mut []).unwrap().is_empty());
+        }
+        assert_eq!(daemon.arena_used(), 0);
+    }
+}
+
+#[test]
+fn pipelined_batches_of_large_samples_never_deadlock() {
+    // Replies far larger than any socket buffer, many in flight: the client reads each reply
+    // before it sends more, so neither side blocks writing while the other does.
+    let daemon = Daemon::mem();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let uri = daemon.tcp();
+    std::thread::spawn(move || {
+        let client = Client::connect(&uri).unwrap();
+        let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let n = ferry_net::PIPELINE_WINDOW + 8;
+        let refs: Vec<_> = (0..n)
+            .map(|i| {
+                let shape = [big.len() as u64];
+                let t = [("x", TensorView::new(ferry_core::DType::UInt8, &shape, &big).unwrap())];
+                client.put(&format!("run0:big{i}"), &t, JsonMap::new()).unwrap()
+            })
+            .collect();
+        let mut bufs = vec![vec![0u8; big.len()]; n];
+        let mut batch: Vec<_> = refs
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(r, b)| ferry_net::GetInto { r, dsts: vec![("x", &mut b[..])] })
+            .collect();
+        let handles: Vec<_> = client.get_into_many(&mut batch).unwrap().into_iter().map(Result::unwrap).collect();
+        drop(batch);
+        assert!(bufs.iter().all(|b| *b == big));
+        assert!(client.release_many(&handles).unwrap().iter().all(Result::is_ok));
+        done_tx.send(()).unwrap();
+    });
+    done_rx.recv_timeout(DEADLINE).expect("the pipelined batch finished before the deadline");
+    assert_eq!(daemon.handle.store().health().resident_samples, 0);
+}
+
+#[test]
 fn get_returns_owned_tensors_and_describe_the_specs() {
     let daemon = Daemon::start();
     let client = Client::connect(&daemon.unix()).unwrap();

@@ -4,7 +4,7 @@
 
 use crate::shared::SharedBytes;
 use ferry_core::{Error, Result};
-use memmap2::MmapOptions;
+use memmap2::{Advice, MmapOptions};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -35,13 +35,18 @@ impl ArenaMap {
         }
         let len = usize::try_from(capacity)
             .map_err(|_| Error::InvalidArgument(format!("arena capacity {capacity} does not fit in memory")))?;
-        let mut options = MmapOptions::new();
-        options.len(len);
+        let map =
+            MmapOptions::new().len(len).map_raw(&file).map_err(|e| Error::io("mapping the arena fd read-write", &e))?;
+        // Advise huge pages before the first fault: where the daemon's pages are huge (shmem THP
+        // `advise` or `always`), this mapping then maps them whole, which cuts TLB misses on
+        // 64 MiB copies (measured 0.7-0.8 -> 0.84-0.95 of memcpy here). Errors are ignored:
+        // the hint is only a hint.
+        let _ = map.advise(Advice::HugePage);
+        let bytes = SharedBytes::new(map);
         if populate {
-            options.populate();
+            bytes.populate_shared();
         }
-        let map = options.map_raw(&file).map_err(|e| Error::io("mapping the arena fd read-write", &e))?;
-        Ok(ArenaMap { file, bytes: SharedBytes::new(map) })
+        Ok(ArenaMap { file, bytes })
     }
 
     /// Mapped bytes.
@@ -85,6 +90,23 @@ impl ArenaMap {
 mod tests {
     use super::*;
     use crate::{Arena, ArenaOptions};
+
+    #[test]
+    fn populating_a_client_mapping_keeps_every_byte_the_daemon_wrote() {
+        let arena = Arena::create("cm-pop", 1 << 20, ArenaOptions::default()).unwrap();
+        let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        arena.write_at(0, &pattern).unwrap();
+        let map = ArenaMap::map(arena.fd().try_clone_to_owned().unwrap(), arena.capacity(), true).unwrap();
+        assert_eq!(map.slice(0, pattern.len()).unwrap(), &pattern[..]);
+        // The fallback for old kernels (a read per page) changes nothing either, and the pages
+        // it faults in are writable.
+        map.bytes.populate_by_reading();
+        assert_eq!(map.slice(0, pattern.len()).unwrap(), &pattern[..]);
+        map.write_at(4096 * 7, b"w").unwrap();
+        let mut seen = [0u8; 1];
+        arena.read_at(4096 * 7, &mut seen).unwrap();
+        assert_eq!(&seen, b"w");
+    }
 
     #[test]
     fn maps_an_arena_fd_and_shares_bytes_both_ways() {

@@ -26,7 +26,7 @@ mod fragmentation_tests;
 pub mod reservation;
 mod shared;
 
-pub use arena::{Arena, ArenaOptions, ArenaStats, Region};
+pub use arena::{Arena, ArenaOptions, ArenaStats, Region, shmem_huge_pages_available};
 pub use backend::{ArenaBackend, BackendStats, Located, PinId};
 pub use client_map::ArenaMap;
 pub use fdpass::{recv_with_fd, send_with_fd};
