@@ -1,22 +1,45 @@
 //! ferry's control plane: the tensor-free records and files that coordinate producers and
-//! consumers. This part is the offline path: SpecForge's ref manifest, the sentinel
-//! files of the offline disaggregated protocol, and ingest (copy offline feature files into any
-//! store and publish their refs). Ref channels, ledgers and the distributor come next.
+//! consumers. Offline: SpecForge's ref manifest, the sentinel files of the offline
+//! disaggregated protocol, and ingest. Online: the ref channel, the queues over it, the ledgers
+//! and flow control.
 //!
 //! # Layout
 //! * [`atomic`] — write-temp-then-rename helpers (every control file is replaced atomically).
+//! * [`channel`] — the ref channel ([`channel::RefSink`], [`channel::RefSource`]) and its file
+//!   backend, byte-compatible with SpecForge's `StreamingRefChannel` (JSONL plus sidecars).
+//! * [`controller`] — [`controller::DataFlowController`]: prompts, commits, acks, restart
+//!   reconciliation.
+//! * [`distributor`] — [`distributor::RefDistributor`]: rank 0's dispatch of whole optimizer
+//!   windows into per-rank inboxes, acks forwarded, the end-of-stream tail settled.
+//! * [`queue`] — [`queue::RefQueue`], the consume-once queue protocol the loader reads.
+//! * [`ref_queue`] — [`ref_queue::SampleRefQueue`], the in-process staging queue.
+//! * [`stream_queue`] — [`stream_queue::StreamingRefQueue`], a channel as a [`queue::RefQueue`].
+//! * [`ledger`] — the metadata stores (no-op, in-memory, SQLite): commits, acks, the durable marker.
+//! * [`flow`] — producer flow control (ref and byte watermarks with hysteresis).
+//! * [`signal`] — [`signal::StopSignal`], a waitable stop flag.
 //! * [`manifest`] — `{"schema_version": 1, "refs": [...]}`, byte-compatible with SpecForge.
 //! * [`sentinel`] — `.producer_claim`, `.done`, `.failed`, `.consumed`, `.consumer_failed`.
 //! * [`ingest`] — offline files into a store, in parallel, with exact cleanup on failure.
 #![forbid(unsafe_code)]
 
 pub mod atomic;
+pub mod channel;
+pub mod controller;
+pub mod distributor;
+pub mod flow;
 pub mod ingest;
+pub mod ledger;
 pub mod manifest;
+pub mod queue;
+pub mod ref_queue;
 pub mod sentinel;
+pub mod signal;
+pub mod stream_queue;
 
+pub use flow::{FlowControlLimits, ProducerFlowControl};
 pub use ingest::{
     IngestOptions, IngestReport, ProducerError, ingest_files, run_offline_producer, run_offline_producer_on,
 };
+pub use ledger::{DurableMarker, InMemoryLedger, Ledger, NoOpLedger, SqliteLedger};
 pub use manifest::{read_ref_manifest, write_ref_manifest};
 pub use sentinel::OfflineControl;

@@ -187,6 +187,30 @@ pub enum Error {
         message: String,
     },
 
+    /// A peer of the control plane failed and said why: the producer (`.failed` beside a ref
+    /// channel), the consumer (`.consumer_failed`), or the ref distributor (`.failed` beside an
+    /// inbox). Every reader of that channel sees the same reason.
+    #[error("{channel}: {peer} failed: {reason}")]
+    PeerFailed {
+        /// The channel or inbox path (or URI) the failure was read from.
+        channel: String,
+        /// Who failed (`producer`, `consumer`, `ref-distributor`).
+        peer: String,
+        /// Their reason, as they wrote it.
+        reason: String,
+    },
+
+    /// A control-plane protocol rule was broken: an acknowledgement that is not the leased
+    /// prefix, a counter that moved backwards, a consumer quantum changed across a resume, a
+    /// half-dispatched window at end of stream. Retrying the same call cannot succeed.
+    #[error("{context}: {message}")]
+    Protocol {
+        /// The channel, queue or ledger involved.
+        context: String,
+        /// The rule and what was seen.
+        message: String,
+    },
+
     /// An operation failed, and handling that failure (recording it, cleaning up after it)
     /// failed too. `primary` is the original error; the rest say what else went wrong.
     #[error("{}", FailureHandlingDisplay(self))]
@@ -361,7 +385,11 @@ impl Error {
                 std::io::ErrorKind::TimedOut => "TimeoutError",
                 _ => "OSError",
             },
-            Error::Backend { .. } | Error::DrainIncomplete { .. } | Error::FailureHandling { .. } => "RuntimeError",
+            Error::Backend { .. }
+            | Error::DrainIncomplete { .. }
+            | Error::FailureHandling { .. }
+            | Error::PeerFailed { .. }
+            | Error::Protocol { .. } => "RuntimeError",
             Error::Remote { exception, .. } => known_exception(exception),
         }
     }

@@ -1,0 +1,355 @@
+//! [`SampleRefQueue`]: the in-process, metadata-only staging queue (SpecForge's
+//! `SampleRefQueue`, `SPECFORGE-RUNTIME.md` §11): the controller's staging queue, the
+//! distributor's hand-off, and the queue the loader's queue-mode tests read.
+//!
+//! It owns two insertion-ordered maps keyed by sample id, `pending` (waiting to be leased) and
+//! `leased` (in flight), behind one mutex with one condition variable that `get` waits on.
+//!
+//! Rules:
+//! * `put` skips an id already pending or leased (at-least-once producers may send a ref twice).
+//! * `get` leases up to `max` refs FIFO. With no timeout it never waits (an empty queue reads as
+//!   "nothing now"); with a timeout it waits up to it for the first ref.
+//! * `ack` forgets leased ids; ids it does not hold are ignored.
+//! * `fail` retryable puts a leased ref back at the pending tail; terminal forgets it.
+//! * A forgotten id may be put again: durable de-duplication is the ledger's job, not this
+//!   queue's.
+
+use crate::queue::RefQueue;
+use ferry_core::{Result, SampleId, SampleRef};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Refs keyed by sample id, iterated in insertion order.
+#[derive(Debug, Default)]
+struct OrderedRefs {
+    by_seq: BTreeMap<u64, SampleRef>,
+    seq_of: HashMap<SampleId, u64>,
+    next_seq: u64,
+}
+
+impl OrderedRefs {
+    fn len(&self) -> usize {
+        self.by_seq.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_seq.is_empty()
+    }
+
+    fn contains(&self, id: &SampleId) -> bool {
+        self.seq_of.contains_key(id)
+    }
+
+    /// Appends `r` at the tail (the caller has checked the id is absent).
+    fn push_back(&mut self, r: SampleRef) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.seq_of.insert(r.sample_id.clone(), seq);
+        self.by_seq.insert(seq, r);
+    }
+
+    fn pop_front(&mut self) -> Option<SampleRef> {
+        let (_, r) = self.by_seq.pop_first()?;
+        self.seq_of.remove(&r.sample_id);
+        Some(r)
+    }
+
+    fn remove(&mut self, id: &SampleId) -> Option<SampleRef> {
+        let seq = self.seq_of.remove(id)?;
+        self.by_seq.remove(&seq)
+    }
+
+    fn ids(&self) -> Vec<SampleId> {
+        self.by_seq.values().map(|r| r.sample_id.clone()).collect()
+    }
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    pending: OrderedRefs,
+    leased: OrderedRefs,
+}
+
+/// The in-process staging queue. Thread-safe; share it as `Arc<SampleRefQueue>` (or as an
+/// `Arc<dyn RefQueue>` for the loader).
+#[derive(Debug, Default)]
+pub struct SampleRefQueue {
+    state: Mutex<QueueState>,
+    /// Signalled whenever a ref becomes pending (put, retryable fail).
+    refs_added: Condvar,
+}
+
+impl SampleRefQueue {
+    /// An empty queue.
+    pub fn new() -> SampleRefQueue {
+        SampleRefQueue::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A panic elsewhere while holding the lock leaves both maps consistent (every update is
+        // a single insert or remove pair), so the state is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends refs whose ids are neither pending nor leased, in order, and wakes waiting
+    /// `get`s. Returns how many were accepted (a repeated id, also within `refs`, is skipped).
+    pub fn put(&self, refs: impl IntoIterator<Item = SampleRef>) -> usize {
+        let mut state = self.lock();
+        let mut accepted = 0;
+        for r in refs {
+            if state.pending.contains(&r.sample_id) || state.leased.contains(&r.sample_id) {
+                tracing::debug!(sample = %r.sample_id, "staging queue skipped a ref already pending or leased");
+                continue;
+            }
+            state.pending.push_back(r);
+            accepted += 1;
+        }
+        if accepted > 0 {
+            self.refs_added.notify_all();
+        }
+        accepted
+    }
+
+    /// Refs leased and not yet acked or failed (SpecForge's `in_flight()`).
+    pub fn in_flight(&self) -> usize {
+        self.lock().leased.len()
+    }
+
+    /// Ids waiting to be leased, oldest first.
+    pub fn pending_ids(&self) -> Vec<SampleId> {
+        self.lock().pending.ids()
+    }
+}
+
+impl RefQueue for SampleRefQueue {
+    /// Leases up to `max` pending refs, oldest first. `timeout: None` never waits (an empty
+    /// queue returns `[]` at once, as SpecForge's `timeout_s=None` does); `Some(t)` waits up to
+    /// `t` for a first ref and returns `[]` if none came.
+    fn get(&self, max: usize, timeout: Option<Duration>) -> Result<Vec<SampleRef>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = self.lock();
+        while state.pending.is_empty() {
+            let Some(left) = deadline.and_then(|d| d.checked_duration_since(Instant::now())) else {
+                return Ok(Vec::new());
+            };
+            if left.is_zero() {
+                return Ok(Vec::new());
+            }
+            state = self.refs_added.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        let mut leased = Vec::with_capacity(max.min(state.pending.len()));
+        while leased.len() < max {
+            let Some(r) = state.pending.pop_front() else { break };
+            state.leased.push_back(r.clone());
+            leased.push(r);
+        }
+        Ok(leased)
+    }
+
+    /// Forgets the leased ids; ids not leased are ignored.
+    fn ack_ids(&self, ids: &[SampleId]) -> Result<()> {
+        let mut state = self.lock();
+        for id in ids {
+            state.leased.remove(id);
+        }
+        Ok(())
+    }
+
+    /// Takes the refs out of the leased set; `retryable` puts each back at the pending tail
+    /// (waking waiters), otherwise it is forgotten. Refs that are not leased are ignored.
+    fn fail(&self, refs: &[SampleRef], reason: &str, retryable: bool) -> Result<()> {
+        let mut state = self.lock();
+        let mut requeued = 0usize;
+        for r in refs {
+            let Some(leased) = state.leased.remove(&r.sample_id) else { continue };
+            if retryable {
+                state.pending.push_back(leased);
+                requeued += 1;
+            }
+        }
+        tracing::debug!(refs = refs.len(), requeued, retryable, reason, "staging queue failed refs");
+        if requeued > 0 {
+            self.refs_added.notify_all();
+        }
+        Ok(())
+    }
+
+    fn depth(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    fn in_flight_ids(&self) -> Vec<SampleId> {
+        self.lock().leased.ids()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::signal::StopSignal;
+    use ferry_core::JsonMap;
+    use std::sync::Arc;
+
+    /// A ref built without a store (the queue never looks past the id).
+    fn sample_ref(id: &str) -> SampleRef {
+        SampleRef {
+            sample_id: SampleId::new(id),
+            run_id: "run".into(),
+            source_task_id: None,
+            feature_store_uri: format!("mem://q/{id}?generation=1"),
+            feature_keys: Default::default(),
+            feature_specs: Default::default(),
+            strategy: "eagle3".into(),
+            schema_version: 1,
+            target_model_version: "unknown".into(),
+            draft_weight_version: None,
+            tokenizer_version: "unknown".into(),
+            num_tokens: 0,
+            estimated_bytes: 0,
+            metadata: JsonMap::new(),
+        }
+    }
+
+    fn refs(ids: &[&str]) -> Vec<SampleRef> {
+        ids.iter().map(|id| sample_ref(id)).collect()
+    }
+
+    fn ids(refs: &[SampleRef]) -> Vec<String> {
+        refs.iter().map(|r| r.sample_id.to_string()).collect()
+    }
+
+    fn strings(ids: Vec<SampleId>) -> Vec<String> {
+        ids.into_iter().map(|id| id.to_string()).collect()
+    }
+
+    #[test]
+    fn put_three_get_two_then_ack_leaves_one_pending_and_none_in_flight() {
+        let q = SampleRefQueue::new();
+        assert_eq!(q.put(refs(&["s0", "s1", "s2"])), 3);
+        let got = q.get(2, None).unwrap();
+        assert_eq!(ids(&got), ["s0", "s1"]);
+        assert_eq!((q.depth(), q.in_flight()), (1, 2));
+        assert_eq!(strings(q.in_flight_ids()), ["s0", "s1"]);
+        q.ack(&got).unwrap();
+        assert_eq!((q.depth(), q.in_flight()), (1, 0));
+        assert_eq!(ids(&q.get(5, None).unwrap()), ["s2"]);
+    }
+
+    #[test]
+    fn a_duplicate_put_is_ignored_while_pending_or_leased_and_accepted_after_ack() {
+        let q = SampleRefQueue::new();
+        assert_eq!(q.put(refs(&["s0", "s0", "s1"])), 2, "a repeat within one put is skipped");
+        assert_eq!(q.put(refs(&["s0"])), 0, "already pending");
+        let got = q.get(1, None).unwrap();
+        assert_eq!(q.put(refs(&["s0"])), 0, "already leased");
+        assert_eq!((q.depth(), q.in_flight()), (1, 1));
+        q.ack(&got).unwrap();
+        assert_eq!(q.put(refs(&["s0"])), 1, "a settled id is forgotten; the ledger de-duplicates durably");
+        assert_eq!(strings(q.pending_ids()), ["s1", "s0"]);
+    }
+
+    #[test]
+    fn a_retryable_fail_requeues_at_the_pending_tail() {
+        let q = SampleRefQueue::new();
+        q.put(refs(&["s0", "s1", "s2"]));
+        let got = q.get(1, None).unwrap();
+        q.fail(&got, "materialize:boom", true).unwrap();
+        assert_eq!((q.depth(), q.in_flight()), (3, 0));
+        assert_eq!(strings(q.pending_ids()), ["s1", "s2", "s0"]);
+        assert_eq!(ids(&q.get(3, None).unwrap()), ["s1", "s2", "s0"]);
+    }
+
+    #[test]
+    fn a_terminal_fail_drops_the_ref() {
+        let q = SampleRefQueue::new();
+        q.put(refs(&["s0"]));
+        let got = q.get(1, None).unwrap();
+        q.fail(&got, "materialize:gone", false).unwrap();
+        assert_eq!((q.depth(), q.in_flight()), (0, 0));
+        assert!(q.get(1, None).unwrap().is_empty());
+        assert_eq!(q.put(refs(&["s0"])), 1, "a terminally failed id is forgotten");
+    }
+
+    #[test]
+    fn failing_a_ref_that_is_not_leased_changes_nothing() {
+        let q = SampleRefQueue::new();
+        q.put(refs(&["s0"]));
+        q.fail(&refs(&["s0", "zz"]), "not leased", true).unwrap();
+        assert_eq!((q.depth(), q.in_flight()), (1, 0));
+        assert_eq!(strings(q.pending_ids()), ["s0"]);
+    }
+
+    #[test]
+    fn an_empty_get_with_a_zero_or_no_timeout_returns_at_once() {
+        let q = SampleRefQueue::new();
+        let start = Instant::now();
+        assert!(q.get(2, Some(Duration::ZERO)).unwrap().is_empty());
+        assert!(q.get(2, None).unwrap().is_empty());
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(q.get(0, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_empty_get_with_a_timeout_waits_for_it_then_returns_empty() {
+        let q = SampleRefQueue::new();
+        let start = Instant::now();
+        assert!(q.get(1, Some(Duration::from_millis(30))).unwrap().is_empty());
+        assert!(start.elapsed() >= Duration::from_millis(30));
+    }
+
+    #[test]
+    fn a_waiting_get_wakes_on_put_before_its_timeout() {
+        let q = Arc::new(SampleRefQueue::new());
+        let waiter = {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || q.get(2, Some(Duration::from_secs(20))).unwrap())
+        };
+        // Whether the put lands before or during the wait, the get returns the ref.
+        q.put(refs(&["s0"]));
+        let start = Instant::now();
+        assert_eq!(ids(&waiter.join().unwrap()), ["s0"]);
+        assert!(start.elapsed() < Duration::from_secs(20));
+        assert_eq!(q.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_waiting_get_wakes_on_a_retryable_fail() {
+        let q = Arc::new(SampleRefQueue::new());
+        q.put(refs(&["s0"]));
+        let got = q.get(1, None).unwrap();
+        let waiter = {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || q.get(1, Some(Duration::from_secs(20))).unwrap())
+        };
+        q.fail(&got, "retry", true).unwrap();
+        assert_eq!(ids(&waiter.join().unwrap()), ["s0"]);
+    }
+
+    #[test]
+    fn ack_of_an_unknown_id_is_a_no_op() {
+        let q = SampleRefQueue::new();
+        q.put(refs(&["s0"]));
+        let got = q.get(1, None).unwrap();
+        q.ack_ids(&[SampleId::new("nope")]).unwrap();
+        q.ack(&got).unwrap();
+        q.ack(&got).unwrap();
+        assert_eq!((q.depth(), q.in_flight()), (0, 0));
+    }
+
+    #[test]
+    fn the_interruptible_get_reads_an_empty_staging_queue_as_end_of_stream() {
+        let q = SampleRefQueue::new();
+        let stop = StopSignal::new();
+        assert!(q.get_interruptible(1, &stop).unwrap().is_empty());
+        q.put(refs(&["s0"]));
+        stop.set();
+        assert!(q.get_interruptible(1, &stop).unwrap().is_empty(), "a set stop returns at once");
+        assert_eq!(q.depth(), 1, "and leases nothing");
+        assert!(!q.loader_close_retryable());
+    }
+}
