@@ -7,10 +7,14 @@
 //! * [`atomic`] — write-temp-then-rename helpers (every control file is replaced atomically).
 //! * [`channel`] — the ref channel ([`channel::RefSink`], [`channel::RefSource`]) and its file
 //!   backend, byte-compatible with SpecForge's `StreamingRefChannel` (JSONL plus sidecars).
+//! * [`collective`] — [`collective::Collective`], the data-parallel all-gather: one rank, threads,
+//!   or processes over TCP / a Unix socket.
 //! * [`controller`] — [`controller::DataFlowController`]: prompts, commits, acks, restart
 //!   reconciliation.
 //! * [`distributor`] — [`distributor::RefDistributor`]: rank 0's dispatch of whole optimizer
 //!   windows into per-rank inboxes, acks forwarded, the end-of-stream tail settled.
+//! * [`dp_ack`] — [`dp_ack::DpAckController`]: the durable acknowledgement at optimizer
+//!   boundaries, in SpecForge's exact order.
 //! * [`queue`] — [`queue::RefQueue`], the consume-once queue protocol the loader reads.
 //! * [`ref_queue`] — [`ref_queue::SampleRefQueue`], the in-process staging queue.
 //! * [`stream_queue`] — [`stream_queue::StreamingRefQueue`], a channel as a [`queue::RefQueue`].
@@ -24,8 +28,10 @@
 
 pub mod atomic;
 pub mod channel;
+pub mod collective;
 pub mod controller;
 pub mod distributor;
+pub mod dp_ack;
 pub mod flow;
 pub mod ingest;
 pub mod ledger;

@@ -94,6 +94,7 @@ impl SampleRefQueue {
 
     /// Appends refs whose ids are neither pending nor leased, in order, and wakes waiting
     /// `get`s. Returns how many were accepted (a repeated id, also within `refs`, is skipped).
+    /// SpecForge guards each ref against carrying tensors; a [`SampleRef`] cannot hold one.
     pub fn put(&self, refs: impl IntoIterator<Item = SampleRef>) -> usize {
         let mut state = self.lock();
         let mut accepted = 0;

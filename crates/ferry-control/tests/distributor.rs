@@ -5,111 +5,22 @@
 //! that poison every inbox.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::RecordingStore;
+
 use ferry_control::channel::{FileRefChannel, RefSink, RefSource};
 use ferry_control::controller::{ControllerOptions, DataFlowController};
 use ferry_control::distributor::{DistributorOptions, RefDistributor, file_inboxes};
 use ferry_control::ledger::{DurableMarker, InMemoryLedger, Ledger, SqliteLedger};
 use ferry_control::queue::RefQueue;
 use ferry_control::signal::StopSignal;
-use ferry_core::{
-    Error, FeatureHandle, FeatureSpec, Generation, JsonMap, Result, SampleId, SampleRef, StoreId, TensorBuf, TensorView,
-};
-use ferry_store::{DrainPolicy, DrainReport, FeatureStoreApi, GcReport, Health, ManualClock, StoreOptions, open_store};
-use indexmap::IndexMap;
+use ferry_core::{Error, Result, SampleId, SampleRef};
+use ferry_store::{FeatureStoreApi, ManualClock};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// A store that records adopt / abort calls and can be told to fail aborts.
-struct RecordingStore {
-    inner: ferry_store::FeatureStore,
-    events: Mutex<Vec<String>>,
-    fail_abort: bool,
-}
-
-impl RecordingStore {
-    fn new(fail_abort: bool) -> Arc<RecordingStore> {
-        Arc::new(RecordingStore {
-            inner: open_store("mem://dist", StoreOptions::default()).unwrap(),
-            events: Mutex::new(Vec::new()),
-            fail_abort,
-        })
-    }
-    fn events(&self) -> Vec<String> {
-        self.events.lock().unwrap().clone()
-    }
-}
-
-impl FeatureStoreApi for RecordingStore {
-    fn store_id(&self) -> &StoreId {
-        self.inner.store_id()
-    }
-    fn put(&self, sample_id: &str, tensors: &[(&str, TensorView<'_>)], metadata: JsonMap) -> Result<SampleRef> {
-        self.inner.put(sample_id, tensors, metadata)
-    }
-    fn put_until(
-        &self,
-        sample_id: &str,
-        tensors: &[(&str, TensorView<'_>)],
-        metadata: JsonMap,
-        deadline: Instant,
-    ) -> Result<SampleRef> {
-        self.inner.put_until(sample_id, tensors, metadata, deadline)
-    }
-    fn get(&self, r: &SampleRef, names: Option<&[&str]>) -> Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
-        self.inner.get(r, names)
-    }
-    fn get_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
-        self.inner.get_into(r, dsts)
-    }
-    fn get_prefix_into(&self, r: &SampleRef, dsts: &mut [(&str, &mut [u8])]) -> Result<FeatureHandle> {
-        self.inner.get_prefix_into(r, dsts)
-    }
-    fn describe(&self, r: &SampleRef) -> Result<IndexMap<String, FeatureSpec>> {
-        FeatureStoreApi::describe(&self.inner, r)
-    }
-    fn release(&self, handle: &FeatureHandle) -> Result<()> {
-        self.inner.release(handle)
-    }
-    fn abort(&self, sample_id: &SampleId) -> Result<()> {
-        self.events.lock().unwrap().push(format!("abort {sample_id}"));
-        if self.fail_abort {
-            return Err(Error::Backend {
-                backend: "test".into(),
-                operation: "abort".into(),
-                key: sample_id.to_string(),
-                message: "injected abort failure".into(),
-            });
-        }
-        FeatureStoreApi::abort(&self.inner, sample_id)
-    }
-    fn abort_all(&self) -> Result<usize> {
-        FeatureStoreApi::abort_all(&self.inner)
-    }
-    fn adopt(&self, r: &SampleRef) -> Result<()> {
-        self.events.lock().unwrap().push(format!("adopt {}", r.sample_id));
-        FeatureStoreApi::adopt(&self.inner, r)
-    }
-    fn track_external_attempt(&self, sample_id: &SampleId, generation: Generation, names: &[&str]) -> Result<()> {
-        FeatureStoreApi::track_external_attempt(&self.inner, sample_id, generation, names)
-    }
-    fn discard_external_attempts(&self) -> Result<usize> {
-        FeatureStoreApi::discard_external_attempts(&self.inner)
-    }
-    fn gc(&self) -> Result<GcReport> {
-        FeatureStoreApi::gc(&self.inner)
-    }
-    fn drain(&self, policy: DrainPolicy) -> Result<DrainReport> {
-        FeatureStoreApi::drain(&self.inner, policy)
-    }
-    fn drain_samples(&self, sample_ids: &[SampleId], policy: DrainPolicy) -> Result<DrainReport> {
-        FeatureStoreApi::drain_samples(&self.inner, sample_ids, policy)
-    }
-    fn health(&self) -> Result<Health> {
-        FeatureStoreApi::health(&self.inner)
-    }
-}
 
 /// `(rank, ids)` of every `publish_batch`, in call order.
 type BatchLog = Arc<Mutex<Vec<(usize, Vec<String>)>>>;
@@ -191,8 +102,7 @@ impl World {
 
     /// Puts sample `id` into the store and returns its ref.
     fn sample(&self, id: &str) -> SampleRef {
-        let data: Vec<i64> = (0..4).collect();
-        self.store.put(id, &[("input_ids", TensorView::from_elements(&[4], &data).unwrap())], JsonMap::new()).unwrap()
+        self.store.sample(id)
     }
 
     fn publish(&self, names: &[&str]) -> Vec<SampleRef> {

@@ -211,6 +211,14 @@ pub enum Error {
         message: String,
     },
 
+    /// A failure every data-parallel rank raises identically, because the ranks agreed on it
+    /// through a collective (rank 0's durable commit failed, or some rank's cleanup did).
+    #[error("{message}")]
+    Collective {
+        /// What failed and where, the same text on every rank.
+        message: String,
+    },
+
     /// An operation failed, and handling that failure (recording it, cleaning up after it)
     /// failed too. `primary` is the original error; the rest say what else went wrong.
     #[error("{}", FailureHandlingDisplay(self))]
@@ -389,7 +397,8 @@ impl Error {
             | Error::DrainIncomplete { .. }
             | Error::FailureHandling { .. }
             | Error::PeerFailed { .. }
-            | Error::Protocol { .. } => "RuntimeError",
+            | Error::Protocol { .. }
+            | Error::Collective { .. } => "RuntimeError",
             Error::Remote { exception, .. } => known_exception(exception),
         }
     }

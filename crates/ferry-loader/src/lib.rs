@@ -6,15 +6,21 @@
 //! It owns no model logic and no topology branch. It must never hold a lease past the read that
 //! took it, fetch a byte of a batch that failed validation, or name a concrete store backend.
 //!
-//! This issue implements the refs (offline) mode: a fixed, re-iterable ref list with epochs,
-//! a one-shot seek and DP sharding. The consume-once queue mode (prefetch with exact-prefix
-//! acks, retryable vs terminal failure on shutdown) will be another [`RefSource`] over the same
-//! batch engine.
+//! Two sources of refs ([`RefSource`]) feed one batch engine:
+//! * refs mode (offline, [`RefSource::Fixed`]): a fixed, re-iterable ref list with epochs, a
+//!   one-shot seek and DP sharding; it never acks.
+//! * queue mode (online, [`RefSource::Queue`]): a consume-once [`ferry_control::queue::RefQueue`]
+//!   (SpecForge §12.5-§12.6), read synchronously or by one `loader-prefetch` thread. The loader
+//!   acks each batch once its consumer has come back for more (or leaves acks to the trainer,
+//!   [`FeatureLoaderBuilder::defer_ack_until_durable`]), fails a batch it cannot build
+//!   terminally, settles a short tail (fail, adopt, abort), and on shutdown fails the refs it
+//!   leased but never yielded: retryably where a retry can still read them, else terminally.
 //!
 //! # Data path
 //!
 //! ```text
 //! refs ──chunk──▶ validate (§12.2, refs only) ──▶ describe every ref ──▶ plan: batch shapes
+//! (a fixed list's chunk, or one queue.get)
 //!                                                                        │ (pad to the longest)
 //!  TrainBatch ◀── wrap ◀── release at once ◀── get_into each sample ◀── allocate from pool
 //!                                              straight into its row prefix (1 copy)
@@ -32,15 +38,22 @@
 //! | Every pass yields the same batches; a seek skips exactly k batches of the next pass only and never fetches or transforms them. | `refs_mode.rs` (`every_pass_yields_…`, `seek_…`, `skipped_refs_are_never_fetched_or_transformed`) |
 //! | Padding goes to the longest sample, is written (never inherited from a pooled buffer), and the mask marks real tokens. | `refs_mode.rs` (`variable_lengths_pad_…`, `online_eagle3_refs_…`), `collate` unit tests |
 //! | DP shards equal torch's `DistributedSampler`: torch-recorded `randperm` outputs, MT19937 check values, full coverage per epoch. | `sampler` unit tests, `tests/dp_sampler.rs`, `tests/torch_randperm.rs` (vectors from real torch when present) |
+//! | Queue mode: every yielded batch is acked exactly when its consumer comes back (next call, end, close or drop; never while unwinding from a panic), or never with deferred acks. | `tests/queue_mode.rs` (`four_samples_in_batches_of_two_…`, `offline_files_through_a_staging_queue_…`, `deferred_acks_…`, `a_pass_dropped_while_its_consumer_panics_…`) |
+//! | Queue mode: a batch that fails validation or materialization (a transform error or panic, an evicted feature) is failed terminally on the queue before the error surfaces: nothing stays leased in the queue or the store. | `queue_mode.rs` (`a_batch_with_mixed_target_repr_…`, `a_failing_transform_with_prefetch_…`, `a_panicking_transform_…`, `an_evicted_feature_…`) |
+//! | Queue mode: a short tail with `drop_last` is failed terminally, then adopted and aborted in the store; a cleanup that fails ends the pass with `cleanup errors=[...]`. | `queue_mode.rs` (`a_short_stream_tail_…`, `a_tail_whose_removal_fails_…`, `without_drop_last_…`) |
+//! | Queue mode shutdown: the prefetch thread stops within the join timeout or the close fails naming the outstanding refs (and a later close completes it); never-yielded refs go back to the queue when a retry can read them, else are dropped. | `queue_mode.rs` (`closing_after_one_yield_…`, `a_close_during_a_blocked_read_…`, `a_closed_queue_loader_…`) |
+//! | Queue mode: one live pass at a time; no seek on a consume-once stream; a closed loader yields nothing. | `queue_mode.rs` (`a_second_pass_while_one_is_live_…`, `seek_on_a_queue_loader_…`, `a_closed_queue_loader_…`) |
 //!
 //! # Layout
 //! * [`loader`] — [`FeatureLoader`], its builder, [`RefSource`], the [`Batches`] pass iterator.
+//! * `queue_mode` — queue passes: leasing, acks, failures, tail settlement, the
+//!   `loader-prefetch` thread and its shutdown.
 //! * [`strategies`] — [`Strategy`] entries (EAGLE3, DFlash, Domino) and the registry.
 //! * [`sampler`] — torch-equal `randperm` (MT19937) and [`sampler::DistributedShard`].
 //! * [`materialize`] — one batch: validate, describe, plan, read; [`Sample`] for transforms.
 //! * `collate` — batch planning, row prefixes, padding, the attention mask.
 //! * `validate` — the §12.2 checks.
-//! * `prefetch` — the worker pool and its in-order window.
+//! * `prefetch` — refs mode's worker pool and its in-order window.
 //!
 //! # Example
 //! ```
@@ -86,6 +99,7 @@ mod collate;
 pub mod loader;
 pub mod materialize;
 mod prefetch;
+mod queue_mode;
 pub mod sampler;
 pub mod strategies;
 mod validate;

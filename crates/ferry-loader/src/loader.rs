@@ -1,21 +1,24 @@
 //! [`FeatureLoader`]: refs + store → collated [`TrainBatch`]es (SpecForge's `FeatureDataLoader`,
-//! `SPECFORGE-RUNTIME.md` §12), refs mode.
+//! `SPECFORGE-RUNTIME.md` §12): the builder, the two ref sources, and the pass iterator.
 //!
-//! A pass ([`FeatureLoader::iter`]) cuts the refs (or, with DP sharding, this rank's share of
-//! them for the current epoch) into chunks of `batch_size`, starting after a one-shot
-//! [`FeatureLoader::seek`] skip, dropping a short tail when `drop_last`. Each chunk is
-//! materialized by [`crate::materialize`] either inline (`num_workers = 0`) or on worker
-//! threads (the `prefetch` module). The loader is re-iterable: every pass yields the same batches
-//! (for the same epoch), and it never acks (the durable ack is the trainer's job).
-//!
-//! The source of refs is a [`RefSource`]; today only [`RefSource::Fixed`]. A consume-once
-//! queue source will be another variant feeding the same batch engine: a pass only asks its
-//! plan for the next chunk of refs, and the prefetcher only sees chunks.
+//! The source of refs is a [`RefSource`]:
+//! * [`RefSource::Fixed`] (refs mode, offline): a pass ([`FeatureLoader::iter`]) cuts the refs
+//!   (or, with DP sharding, this rank's share of them for the current epoch) into chunks of
+//!   `batch_size`, starting after a one-shot [`FeatureLoader::seek`] skip, dropping a short tail
+//!   when `drop_last`. Each chunk is materialized by [`crate::materialize`] either inline
+//!   (`num_workers = 0`) or on worker threads (the `prefetch` module). The loader is
+//!   re-iterable: every pass yields the same batches (for the same epoch), and it never acks
+//!   (the durable ack is the trainer's job).
+//! * [`RefSource::Queue`] (queue mode, online): a consume-once [`RefQueue`]; the pass leases
+//!   each batch's refs from the queue, acks what the consumer took and fails what it could not
+//!   yield. The `queue_mode` module owns that protocol; the batch engine is the same.
 
 use crate::materialize::{BatchContext, GcTimer, Sample, SampleTransform, materialize_batch};
 use crate::prefetch::Prefetcher;
+use crate::queue_mode::{QueuePass, QueueSettings, QueueSource};
 use crate::sampler::DistributedShard;
 use crate::strategies::{Strategy, StrategyRegistry};
+use ferry_control::queue::RefQueue;
 use ferry_core::{BufferPool, Error, Result, SampleRef, TrainBatch};
 use ferry_store::FeatureStore;
 use std::sync::Arc;
@@ -23,12 +26,29 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 /// Where a loader's refs come from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub enum RefSource {
     /// A fixed, re-iterable list (offline: a manifest's refs). Every pass reads it again; the
     /// store should retain on release (or serve read-only `file://` refs).
     Fixed(Vec<SampleRef>),
+    /// A consume-once queue (online: the staging queue or a ref channel's queue). Each ref is
+    /// leased once, acked once the consumer has taken its batch (unless acks are deferred to
+    /// the trainer), and failed if it cannot be yielded; see the `queue_mode` module doc.
+    Queue(Arc<dyn RefQueue>),
+}
+
+impl std::fmt::Debug for RefSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RefSource::Fixed(refs) => f.debug_tuple("Fixed").field(&format_args!("{} refs", refs.len())).finish(),
+            RefSource::Queue(queue) => f
+                .debug_struct("Queue")
+                .field("depth", &queue.depth())
+                .field("in_flight", &queue.in_flight_ids().len())
+                .finish(),
+        }
+    }
 }
 
 /// DP sharding of a fixed ref list, applied per pass for the loader's current epoch; see
@@ -89,6 +109,8 @@ pub struct FeatureLoaderBuilder {
     batch_pool_bytes: u64,
     sharding: Option<DpSharding>,
     max_len: Option<u64>,
+    defer_ack: bool,
+    prefetch_depth: Option<usize>,
 }
 
 impl std::fmt::Debug for FeatureLoaderBuilder {
@@ -100,6 +122,8 @@ impl std::fmt::Debug for FeatureLoaderBuilder {
             .field("num_workers", &self.num_workers)
             .field("transform", &self.transform.is_some())
             .field("sharding", &self.sharding)
+            .field("defer_ack", &self.defer_ack)
+            .field("prefetch_depth", &self.prefetch_depth)
             .finish_non_exhaustive()
     }
 }
@@ -124,7 +148,8 @@ impl FeatureLoaderBuilder {
     }
 
     /// Worker threads, which is also the prefetch window in batches; 0 (the default)
-    /// materializes each batch on the iterating thread when it is asked for.
+    /// materializes each batch on the iterating thread when it is asked for. In queue mode
+    /// this is the default prefetch depth (see [`FeatureLoaderBuilder::prefetch_depth`]).
     pub fn num_workers(mut self, num_workers: usize) -> Self {
         self.num_workers = num_workers;
         self
@@ -179,16 +204,52 @@ impl FeatureLoaderBuilder {
         self
     }
 
+    /// Queue mode: the loader never acks; the trainer acks each batch's refs itself after its
+    /// durable DP ack (SpecForge's `ack=False`). Yielded refs stay in flight until then.
+    /// Default `false`: the loader acks a batch once the consumer has taken it (see
+    /// [`Batches`]). No effect in refs mode, which never acks.
+    pub fn defer_ack_until_durable(mut self, defer: bool) -> Self {
+        self.defer_ack = defer;
+        self
+    }
+
+    /// Queue mode: batches the `loader-prefetch` thread may hold ready (SpecForge's
+    /// `LOADER_PREFETCH`); 0 materializes each batch on the iterating thread. Default:
+    /// `num_workers`. No effect in refs mode, whose window is `num_workers`.
+    pub fn prefetch_depth(mut self, depth: usize) -> Self {
+        self.prefetch_depth = Some(depth);
+        self
+    }
+
     /// Checks the options and builds the loader.
     pub fn build(self) -> Result<FeatureLoader> {
         if self.batch_size == 0 {
             return Err(Error::InvalidArgument("batch_size must be >= 1, got 0".into()));
         }
         let strategy = *self.registry.get(&self.strategy)?;
-        let RefSource::Fixed(refs) = self.source;
-        if let Some(sharding) = &self.sharding {
-            sharding.shard(refs.len(), 0).num_samples()?;
-        }
+        let source = match self.source {
+            RefSource::Fixed(refs) => {
+                if let Some(sharding) = &self.sharding {
+                    sharding.shard(refs.len(), 0).num_samples()?;
+                }
+                Source::Fixed(refs.into())
+            }
+            RefSource::Queue(queue) => {
+                if self.sharding.is_some() {
+                    return Err(Error::InvalidArgument(
+                        "DP sharding applies to a fixed ref list; a queue already holds this rank's refs (the distributor shards the stream)".into(),
+                    ));
+                }
+                let settings = QueueSettings {
+                    batch_size: self.batch_size,
+                    drop_last: self.drop_last,
+                    ack: !self.defer_ack,
+                    prefetch_depth: self.prefetch_depth.unwrap_or(self.num_workers),
+                    join_timeout: self.join_timeout,
+                };
+                Source::Queue(Arc::new(QueueSource::new(queue, settings)))
+            }
+        };
         let ctx = BatchContext {
             store: self.store,
             strategy,
@@ -199,7 +260,7 @@ impl FeatureLoaderBuilder {
         };
         Ok(FeatureLoader {
             ctx: Arc::new(ctx),
-            refs: refs.into(),
+            source,
             batch_size: self.batch_size,
             drop_last: self.drop_last,
             num_workers: self.num_workers,
@@ -211,10 +272,16 @@ impl FeatureLoaderBuilder {
     }
 }
 
-/// The feature loader (refs mode). See the crate doc for an example.
+/// Where a built loader's refs come from.
+enum Source {
+    Fixed(Arc<[SampleRef]>),
+    Queue(Arc<QueueSource>),
+}
+
+/// The feature loader, over a fixed ref list or a queue. See the crate doc for an example.
 pub struct FeatureLoader {
     ctx: Arc<BatchContext>,
-    refs: Arc<[SampleRef]>,
+    source: Source,
     batch_size: usize,
     drop_last: bool,
     num_workers: usize,
@@ -226,9 +293,12 @@ pub struct FeatureLoader {
 
 impl std::fmt::Debug for FeatureLoader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FeatureLoader")
-            .field("refs", &self.refs.len())
-            .field("strategy", &self.ctx.strategy.name)
+        let mut s = f.debug_struct("FeatureLoader");
+        match &self.source {
+            Source::Fixed(refs) => s.field("refs", &refs.len()),
+            Source::Queue(queue) => s.field("queue_closed", &queue.is_closed()),
+        };
+        s.field("strategy", &self.ctx.strategy.name)
             .field("batch_size", &self.batch_size)
             .field("drop_last", &self.drop_last)
             .field("num_workers", &self.num_workers)
@@ -255,6 +325,8 @@ impl FeatureLoader {
             batch_pool_bytes: DEFAULT_BATCH_POOL_BYTES,
             sharding: None,
             max_len: None,
+            defer_ack: false,
+            prefetch_depth: None,
         }
     }
 
@@ -263,15 +335,23 @@ impl FeatureLoader {
         &self.ctx.strategy
     }
 
-    /// Refs one pass reads: all of them, or this rank's share (padding included).
+    /// Whether the refs come from a consume-once queue.
+    pub fn is_queue(&self) -> bool {
+        matches!(self.source, Source::Queue(_))
+    }
+
+    /// Refs one pass reads: all of them, or this rank's share (padding included). 0 for a
+    /// queue, whose length is not known in advance.
     pub fn refs_per_pass(&self) -> usize {
+        let Source::Fixed(refs) = &self.source else { return 0 };
         match &self.sharding {
-            Some(sharding) => sharding.shard(self.refs.len(), self.epoch).num_samples().unwrap_or(0),
-            None => self.refs.len(),
+            Some(sharding) => sharding.shard(refs.len(), self.epoch).num_samples().unwrap_or(0),
+            None => refs.len(),
         }
     }
 
-    /// Batches one full pass yields: `floor(refs / batch_size)` with `drop_last`, else `ceil`.
+    /// Batches one full pass yields: `floor(refs / batch_size)` with `drop_last`, else `ceil`
+    /// (0 for a queue, like [`FeatureLoader::refs_per_pass`]).
     pub fn batches_per_pass(&self) -> usize {
         let refs = self.refs_per_pass();
         batch_count(refs, self.batch_size, self.drop_last)
@@ -279,8 +359,13 @@ impl FeatureLoader {
 
     /// Skips the first `batches` batches of the next pass only (resume from a saved
     /// position); skipped refs are never fetched or transformed. Skipping exactly all batches
-    /// is allowed (the next pass is empty); more is an error.
+    /// is allowed (the next pass is empty); more is an error. A queue cannot seek.
     pub fn seek(&mut self, batches: usize) -> Result<()> {
+        if self.is_queue() {
+            return Err(Error::InvalidArgument(format!(
+                "seek({batches}) on a queue loader: a queue stream is consume-once and cannot be repositioned"
+            )));
+        }
         let available = self.batches_per_pass();
         if batches > available {
             return Err(Error::InvalidArgument(format!(
@@ -307,24 +392,56 @@ impl FeatureLoader {
 
     /// Starts a pass, consuming any pending seek. The pass yields `Result<TrainBatch>` and ends
     /// at the first error.
+    ///
+    /// Queue mode: at most one pass is live at a time (another yields one error, "already has
+    /// an active iterator"); after [`FeatureLoader::close`] a pass yields nothing.
     pub fn iter(&mut self) -> Batches {
+        let refs = match &self.source {
+            Source::Fixed(refs) => Arc::clone(refs),
+            Source::Queue(queue) => return Batches { pass: Pass::Queue(queue.start_pass(&self.ctx)) },
+        };
         let skip = std::mem::take(&mut self.pending_skip);
         let order = match &self.sharding {
-            Some(sharding) => match sharding.shard(self.refs.len(), self.epoch).indices() {
+            Some(sharding) => match sharding.shard(refs.len(), self.epoch).indices() {
                 Ok(indices) => Some(indices),
                 Err(e) => return Batches::failed(Arc::clone(&self.ctx), e, self.join_timeout),
             },
             None => None,
         };
-        let plan = PassPlan::new(Arc::clone(&self.refs), order, self.batch_size, self.drop_last, skip);
+        let plan = PassPlan::new(refs, order, self.batch_size, self.drop_last, skip);
         let engine = if self.num_workers == 0 { Engine::Inline } else { Engine::NotStarted(self.num_workers) };
         Batches {
-            ctx: Arc::clone(&self.ctx),
-            plan,
-            engine,
-            finished: false,
-            deferred_error: None,
-            join_timeout: self.join_timeout,
+            pass: Pass::Fixed(FixedPass {
+                ctx: Arc::clone(&self.ctx),
+                plan,
+                engine,
+                finished: false,
+                deferred_error: None,
+                join_timeout: self.join_timeout,
+            }),
+        }
+    }
+
+    /// Queue mode: marks the loader closed (later passes yield nothing) and shuts down the live
+    /// pass's prefetch thread, failing the refs it leased but never yielded (see the
+    /// `queue_mode` module doc for which are retryable). Fails with [`Error::Timeout`] if the
+    /// thread is still inside a store read after the join timeout; calling it again later
+    /// completes the shutdown. A live synchronous pass ends at its next call. Idempotent.
+    ///
+    /// Refs mode: nothing to do; the loader stays re-iterable.
+    pub fn close(&self) -> Result<()> {
+        match &self.source {
+            Source::Fixed(_) => Ok(()),
+            Source::Queue(queue) => queue.close(),
+        }
+    }
+
+    /// Queue mode: whether a pass is live (started and not yet fully shut down, prefetch
+    /// thread included). Always `false` in refs mode, whose passes share no state.
+    pub fn has_active_pass(&self) -> bool {
+        match &self.source {
+            Source::Fixed(_) => false,
+            Source::Queue(queue) => queue.has_active_pass(),
         }
     }
 }
@@ -387,7 +504,22 @@ enum Engine {
 /// One pass over a [`FeatureLoader`]: an iterator of `Result<TrainBatch>`, in order. Ends after
 /// the first error. Dropping it stops its workers (waiting up to the join timeout);
 /// [`Batches::close`] does the same and reports a worker that would not stop.
+///
+/// Queue mode, when acks are on: the batch the consumer took last is acked when it asks for
+/// the next item (also the call that returns `None`), or when the pass is closed or dropped,
+/// but not when it is dropped while the thread unwinds from a panic (that batch stays in
+/// flight). A failed ack ends the pass with that error.
 pub struct Batches {
+    pass: Pass,
+}
+
+enum Pass {
+    Fixed(FixedPass),
+    Queue(QueuePass),
+}
+
+/// A pass over a fixed ref list.
+struct FixedPass {
     ctx: Arc<BatchContext>,
     plan: PassPlan,
     engine: Engine,
@@ -398,28 +530,71 @@ pub struct Batches {
 
 impl std::fmt::Debug for Batches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batches")
-            .field("next_batch", &self.plan.next)
-            .field("end_batch", &self.plan.end)
-            .field("finished", &self.finished)
-            .finish_non_exhaustive()
+        match &self.pass {
+            Pass::Fixed(p) => f
+                .debug_struct("Batches")
+                .field("next_batch", &p.plan.next)
+                .field("end_batch", &p.plan.end)
+                .field("finished", &p.finished)
+                .finish_non_exhaustive(),
+            Pass::Queue(p) => f
+                .debug_struct("Batches")
+                .field("queue", &true)
+                .field("buffered", &p.buffered())
+                .field("finished", &p.is_finished())
+                .finish_non_exhaustive(),
+        }
     }
 }
 
 impl Batches {
     fn failed(ctx: Arc<BatchContext>, error: Error, join_timeout: Duration) -> Batches {
         Batches {
-            ctx,
-            plan: PassPlan::new(Arc::from(Vec::new()), None, 1, true, 0),
-            engine: Engine::Inline,
-            finished: false,
-            deferred_error: Some(error),
-            join_timeout,
+            pass: Pass::Fixed(FixedPass {
+                ctx,
+                plan: PassPlan::new(Arc::from(Vec::new()), None, 1, true, 0),
+                engine: Engine::Inline,
+                finished: false,
+                deferred_error: Some(error),
+                join_timeout,
+            }),
         }
     }
 
-    /// Items this pass has still to yield (batches, if none fails).
+    /// Items this pass has still to yield (batches, if none fails). A queue's length is not
+    /// known: for a queue pass this is the batches already prefetched, a lower bound.
     pub fn remaining(&self) -> usize {
+        match &self.pass {
+            Pass::Fixed(p) => p.remaining(),
+            Pass::Queue(p) => p.buffered(),
+        }
+    }
+
+    /// Ends the pass now: stops the workers and waits up to the loader's join timeout for
+    /// them. Fails with [`Error::Timeout`] if one is still inside a store read or transform;
+    /// calling it again later can complete the close. Leases are never leaked either way.
+    ///
+    /// Queue mode: also acks the batch the consumer took last (acks on), and fails the refs
+    /// the prefetch thread leased but the pass never yielded once the thread has stopped.
+    pub fn close(&mut self) -> Result<()> {
+        let timeout = match &self.pass {
+            Pass::Fixed(p) => p.join_timeout,
+            Pass::Queue(p) => p.join_timeout(),
+        };
+        self.close_within(timeout)
+    }
+
+    /// [`Batches::close`] with an explicit wait.
+    pub fn close_within(&mut self, timeout: Duration) -> Result<()> {
+        match &mut self.pass {
+            Pass::Fixed(p) => p.close_within(timeout),
+            Pass::Queue(p) => p.close_within(timeout, true),
+        }
+    }
+}
+
+impl FixedPass {
+    fn remaining(&self) -> usize {
         if self.finished {
             return 0;
         }
@@ -427,15 +602,7 @@ impl Batches {
         self.plan.remaining() + in_flight + usize::from(self.deferred_error.is_some())
     }
 
-    /// Ends the pass now: stops the workers and waits up to the loader's join timeout for
-    /// them. Fails with [`Error::Timeout`] if one is still inside a store read or transform;
-    /// calling it again later can complete the close. Leases are never leaked either way.
-    pub fn close(&mut self) -> Result<()> {
-        self.close_within(self.join_timeout)
-    }
-
-    /// [`Batches::close`] with an explicit wait.
-    pub fn close_within(&mut self, timeout: Duration) -> Result<()> {
+    fn close_within(&mut self, timeout: Duration) -> Result<()> {
         self.finished = true;
         match &mut self.engine {
             Engine::Prefetch(p) => p.close_within(timeout),
@@ -479,10 +646,23 @@ impl Iterator for Batches {
     type Item = Result<TrainBatch>;
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        (0, Some(self.remaining()))
+        match &self.pass {
+            Pass::Fixed(p) => (0, Some(p.remaining())),
+            Pass::Queue(p) if p.is_finished() => (0, Some(0)),
+            Pass::Queue(_) => (0, None),
+        }
     }
 
     fn next(&mut self) -> Option<Result<TrainBatch>> {
+        match &mut self.pass {
+            Pass::Fixed(p) => p.next_batch(),
+            Pass::Queue(p) => p.next_batch(),
+        }
+    }
+}
+
+impl FixedPass {
+    fn next_batch(&mut self) -> Option<Result<TrainBatch>> {
         if self.finished {
             return None;
         }
@@ -502,9 +682,9 @@ impl Iterator for Batches {
     }
 }
 
-impl Drop for Batches {
+impl Drop for FixedPass {
     fn drop(&mut self) {
-        if let Err(e) = self.close() {
+        if let Err(e) = self.close_within(self.join_timeout) {
             tracing::warn!(error = %e, "dropped a feature loader pass whose worker is still busy; it will exit when its read returns");
         }
     }

@@ -1,6 +1,6 @@
 //! Fixtures shared by the loader tests: a `mem://`-style store over a backend that records every
-//! read and can hold, gate or fail the read of chosen samples (every wait has a deadline), and
-//! EAGLE3/DFlash samples with known bytes.
+//! read and removal and can hold, gate or fail the read (or fail the removal) of chosen samples
+//! (every wait has a deadline), and EAGLE3/DFlash samples with known bytes.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // helpers: a failed setup step should panic
 
 use ferry_core::{Error, Generation, JsonMap, Result, SampleId, SampleRef, StoreId, TensorView};
@@ -27,6 +27,11 @@ struct Control {
     gated: HashSet<String>,
     /// Reads of the key wait until the value's read has completed.
     after: HashMap<String, String>,
+    /// Removals of these samples fail.
+    failing_removes: HashSet<String>,
+    /// Store-visible events in order: `remove <id>`, `lookup <id>` (the backend was asked for
+    /// a sample's latest generation), and whatever a test notes.
+    events: Vec<String>,
 }
 
 /// A memory backend that records reads and can hold, gate or fail them.
@@ -72,6 +77,25 @@ impl TestBackend {
     /// Makes the read of `sample` wait until `other` has been read.
     pub fn read_after(&self, sample: &str, other: &str) {
         self.control.lock().unwrap().after.insert(sample.into(), other.into());
+    }
+
+    pub fn fail_removes_of(&self, sample: &str) {
+        self.control.lock().unwrap().failing_removes.insert(sample.into());
+    }
+
+    /// Appends `event` to the event log (tests record their own calls next to the backend's).
+    pub fn note(&self, event: impl Into<String>) {
+        self.control.lock().unwrap().events.push(event.into());
+    }
+
+    /// The event log, in order.
+    pub fn events(&self) -> Vec<String> {
+        self.control.lock().unwrap().events.clone()
+    }
+
+    /// Samples the backend holds for `store_id`.
+    pub fn resident_samples(&self, store_id: &StoreId) -> u64 {
+        self.inner.usage(store_id).unwrap().map_or(0, |u| u.samples)
     }
 
     /// Waits (with [`DEADLINE`]) until a read of `sample` has begun.
@@ -128,6 +152,20 @@ impl ByteBackend for TestBackend {
         Ok(counts)
     }
     fn remove(&self, sample: SampleKey<'_>, names: &[String], force: bool) -> Result<Removal> {
+        let id = sample.sample_id.to_string();
+        let fail = {
+            let mut control = self.control.lock().unwrap();
+            control.events.push(format!("remove {id}"));
+            control.failing_removes.contains(&id)
+        };
+        if fail {
+            return Err(Error::Backend {
+                backend: "test".into(),
+                operation: "remove".into(),
+                key: id,
+                message: "injected remove fault".into(),
+            });
+        }
         self.inner.remove(sample, names, force)
     }
     fn exists(&self, object: ObjectKey<'_>) -> Result<bool> {
@@ -137,6 +175,7 @@ impl ByteBackend for TestBackend {
         self.inner.size(object)
     }
     fn latest_generation(&self, store_id: &StoreId, sample_id: &SampleId) -> Result<Option<Generation>> {
+        self.control.lock().unwrap().events.push(format!("lookup {sample_id}"));
         self.inner.latest_generation(store_id, sample_id)
     }
     fn object_names(&self, sample: SampleKey<'_>) -> Result<Option<Vec<String>>> {
@@ -197,11 +236,41 @@ pub fn eagle3_data(index: usize, len: u64) -> SampleData {
 }
 
 impl Fixture {
+    /// A re-iterable (retain-on-release) store: offline data.
     pub fn new() -> Fixture {
+        Fixture::with_retain(true)
+    }
+
+    /// A consume-once store (online data: the last release frees a sample).
+    pub fn consume_once() -> Fixture {
+        Fixture::with_retain(false)
+    }
+
+    fn with_retain(retain_on_release: bool) -> Fixture {
         let backend = TestBackend::new();
-        let options = StoreOptions { retain_on_release: true, store_id: Some(StoreId::new("x")), ..Default::default() };
+        let options = StoreOptions { retain_on_release, store_id: Some(StoreId::new("x")), ..Default::default() };
         let store = FeatureStore::open(Arc::clone(&backend), options).unwrap();
         Fixture { store, backend, refs: Vec::new(), samples: Vec::new() }
+    }
+
+    /// Another process's view of the same store (same backend and store id, its own
+    /// bookkeeping), as a trainer sees samples a capture server wrote.
+    pub fn other_view(&self) -> FeatureStore {
+        let options = StoreOptions {
+            retain_on_release: self.store.retains_on_release(),
+            store_id: Some(self.store.store_id().clone()),
+            ..Default::default()
+        };
+        FeatureStore::open(Arc::clone(&self.backend), options).unwrap()
+    }
+
+    /// An online (consume-once) EAGLE3 fixture of samples with these token counts.
+    pub fn eagle3_consume_once(lengths: &[u64]) -> Fixture {
+        let mut fixture = Fixture::consume_once();
+        for (i, len) in lengths.iter().enumerate() {
+            fixture.put_eagle3(eagle3_data(i, *len), eagle3_metadata());
+        }
+        fixture
     }
 
     /// An offline EAGLE3 fixture of samples with these token counts.
