@@ -142,6 +142,36 @@ pub(crate) enum BenchCommand {
     /// The client process of `bench transfer` (internal).
     #[command(hide = true)]
     TransferClient(TransferClientArgs),
+    /// The online control plane end to end: publish, distribute through the SQLite ledger,
+    /// inboxes, queues and the durable DP ack, in refs per second.
+    Control(BenchControlArgs),
+}
+
+/// `ferry bench control`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchControlArgs {
+    /// Refs to publish.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub(crate) refs: u64,
+    /// Data-parallel ranks (threads of this process, one inbox each).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub(crate) dp: u64,
+    /// Refs per rank per micro-batch.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub(crate) batch: u64,
+    /// Micro-batches per optimizer step (one durable ack each).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub(crate) accumulation: u64,
+    /// Refs per producer publish call.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) publish_batch: u64,
+    /// Directory for the channel, inboxes and ledger (the control mount); default: a temporary
+    /// directory under the system's.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) dir: Option<PathBuf>,
+    /// Print one JSON object (refs, dp, refs_per_s, ...).
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// The route `bench transfer` measures.

@@ -26,6 +26,7 @@
 
 mod args;
 mod bench;
+mod control_bench;
 mod demo;
 mod ingest;
 mod inspect;
@@ -71,6 +72,7 @@ fn run(command: Command, out: &mut dyn Write) -> Result<()> {
         Command::Status(a) => serve::status(a, out),
         Command::Bench { what: BenchCommand::Transfer(a) } => transfer::run(a, out),
         Command::Bench { what: BenchCommand::TransferClient(a) } => transfer::client(a, out),
+        Command::Bench { what: BenchCommand::Control(a) } => control_bench::run(a, out),
     }
 }
 

@@ -310,6 +310,28 @@ impl DataFlowController {
     /// fresh ones: they clear their prompt task and, with a staging queue, are staged for
     /// training. Freshness comes from the ledger's answer only.
     pub fn commit_samples(&self, worker: &str, refs: &[SampleRef]) -> Result<Vec<SampleRef>> {
+        let flags = self.commit_flags(worker, refs)?;
+        let fresh: Vec<SampleRef> =
+            refs.iter().zip(&flags).filter(|(_, fresh)| **fresh).map(|(r, _)| r.clone()).collect();
+        if let Some(queue) = &self.queue {
+            queue.put(fresh.iter().cloned());
+        }
+        Ok(fresh)
+    }
+
+    /// [`DataFlowController::commit_samples`] that takes the refs and moves the fresh ones into
+    /// the staging queue without copying them; returns one freshness flag per ref. The
+    /// distributor's hot path.
+    pub fn commit_owned(&self, worker: &str, refs: Vec<SampleRef>) -> Result<Vec<bool>> {
+        let flags = self.commit_flags(worker, &refs)?;
+        if let Some(queue) = &self.queue {
+            queue.put(refs.into_iter().zip(&flags).filter(|(_, fresh)| **fresh).map(|(r, _)| r));
+        }
+        Ok(flags)
+    }
+
+    /// Commits through the ledger and clears the prompt tasks of the fresh refs.
+    fn commit_flags(&self, worker: &str, refs: &[SampleRef]) -> Result<Vec<bool>> {
         if refs.is_empty() {
             return Ok(Vec::new());
         }
@@ -320,23 +342,18 @@ impl DataFlowController {
                 message: format!("the ledger returned {} freshness flags for {} refs", flags.len(), refs.len()),
             });
         }
-        let fresh: Vec<SampleRef> =
-            refs.iter().zip(flags).filter(|(_, fresh)| *fresh).map(|(r, _)| r.clone()).collect();
-        {
-            let mut state = self.lock();
-            for r in &fresh {
-                if let Some(task) = &r.source_task_id {
-                    state.leased.remove(task);
-                    state.pending.shift_remove(task);
-                    state.tasks.remove(task);
-                }
+        let mut state = self.lock();
+        let mut fresh = 0usize;
+        for (r, _) in refs.iter().zip(&flags).filter(|(_, f)| **f) {
+            fresh += 1;
+            if let Some(task) = &r.source_task_id {
+                state.leased.remove(task);
+                state.pending.shift_remove(task);
+                state.tasks.remove(task);
             }
         }
-        if let Some(queue) = &self.queue {
-            queue.put(fresh.iter().cloned());
-        }
-        tracing::debug!(worker, committed = refs.len(), fresh = fresh.len(), "samples committed");
-        Ok(fresh)
+        tracing::debug!(worker, committed = refs.len(), fresh, "samples committed");
+        Ok(flags)
     }
 
     /// Records the trainer's acknowledgement of `ids` in the ledger (with the marker), then

@@ -15,6 +15,8 @@
 //!   windows into per-rank inboxes, acks forwarded, the end-of-stream tail settled.
 //! * [`dp_ack`] — [`dp_ack::DpAckController`]: the durable acknowledgement at optimizer
 //!   boundaries, in SpecForge's exact order.
+//! * [`online`] — the online consumer's assembly: rank 0's setup and resume checks, each rank's
+//!   stream of optimizer steps ending in the durable acknowledgement.
 //! * [`queue`] — [`queue::RefQueue`], the consume-once queue protocol the loader reads.
 //! * [`ref_queue`] — [`ref_queue::SampleRefQueue`], the in-process staging queue.
 //! * [`stream_queue`] — [`stream_queue::StreamingRefQueue`], a channel as a [`queue::RefQueue`].
@@ -36,6 +38,7 @@ pub mod flow;
 pub mod ingest;
 pub mod ledger;
 pub mod manifest;
+pub mod online;
 pub mod queue;
 pub mod ref_queue;
 pub mod sentinel;

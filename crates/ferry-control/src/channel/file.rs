@@ -17,7 +17,7 @@ use ferry_core::json::{JsonStyle, sample_ref_from_str, sample_ref_to_string};
 use ferry_core::{Error, Result, SampleRef};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -56,6 +56,12 @@ struct Writer {
 
 #[derive(Debug, Default)]
 struct Reader {
+    /// The channel file, once it exists: kept open so an idle poll costs one `pread`. A reader
+    /// follows the file it opened (an inbox recreated by a new distributor needs a new reader,
+    /// as in SpecForge, where each attempt is a new process).
+    file: Option<File>,
+    /// A reused read buffer.
+    scratch: Vec<u8>,
     /// Bytes of the file consumed into `partial` / `lines`.
     offset: u64,
     /// The trailing fragment after the last newline read.
@@ -188,40 +194,50 @@ impl FileRefChannel {
         file.sync().map_err(|e| Error::io(format!("fsync of ref channel {}", self.path.display()), &e))
     }
 
-    /// Reads new bytes into the line queue.
+    /// Reads new bytes into the line queue, a chunk at a time through a reused buffer (a
+    /// backlog of megabytes never becomes one transient allocation).
     fn read_new(&self, reader: &mut Reader) -> Result<()> {
-        let mut file = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(format!("opening ref channel {}", self.path.display()), &e)),
-        };
-        let mut fresh = Vec::new();
-        file.seek(SeekFrom::Start(reader.offset))
-            .and_then(|_| file.read_to_end(&mut fresh))
-            .map_err(|e| Error::io(format!("reading ref channel {}", self.path.display()), &e))?;
-        if fresh.is_empty() {
-            return Ok(());
-        }
-        // The offset of the first byte of `partial` in the file.
-        let mut line_start = reader.offset - reader.partial.len() as u64;
-        reader.offset += fresh.len() as u64;
-        let Some(last_newline) = memchr::memrchr(b'\n', &fresh) else {
-            reader.partial.extend_from_slice(&fresh);
-            return Ok(());
-        };
-        let mut complete = std::mem::take(&mut reader.partial);
-        complete.extend_from_slice(&fresh[..=last_newline]);
-        reader.partial = fresh[last_newline + 1..].to_vec();
-        let mut rest = &complete[..];
-        while let Some(end) = memchr::memchr(b'\n', rest) {
-            let line = &rest[..end];
-            if !line.trim_ascii().is_empty() {
-                reader.lines.push_back((line_start, line.to_vec()));
+        const CHUNK: usize = 256 << 10;
+        if reader.file.is_none() {
+            match File::open(&self.path) {
+                Ok(f) => reader.file = Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(Error::io(format!("opening ref channel {}", self.path.display()), &e)),
             }
-            line_start += end as u64 + 1;
-            rest = &rest[end + 1..];
         }
-        Ok(())
+        if reader.scratch.len() < CHUNK {
+            reader.scratch = vec![0u8; CHUNK];
+        }
+        loop {
+            let Reader { file: Some(file), scratch, offset, partial, lines } = &mut *reader else { return Ok(()) };
+            let n = match file.read_at(scratch, *offset) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(format!("reading ref channel {}", self.path.display()), &e)),
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            // The file offset of the first byte of `partial`.
+            let mut line_start = *offset - partial.len() as u64;
+            *offset += n as u64;
+            let mut rest = &scratch[..n];
+            while let Some(end) = memchr::memchr(b'\n', rest) {
+                let line = if partial.is_empty() {
+                    rest[..end].to_vec()
+                } else {
+                    let mut whole = std::mem::take(partial);
+                    whole.extend_from_slice(&rest[..end]);
+                    whole
+                };
+                if !line.trim_ascii().is_empty() {
+                    lines.push_back((line_start, line));
+                }
+                line_start = *offset - (rest.len() - end - 1) as u64;
+                rest = &rest[end + 1..];
+            }
+            partial.extend_from_slice(rest);
+        }
     }
 
     fn parse(&self, offset: u64, line: &[u8]) -> Result<SampleRef> {

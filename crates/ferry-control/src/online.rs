@@ -1,0 +1,246 @@
+//! The online consumer's assembly (SpecForge's `build_disagg_online_consumer`, §14.3-§14.4):
+//! rank 0 opens the durable ledger (fresh, or the one being resumed), reconciles it, checks the
+//! durable step against the trainer's checkpoint, builds the distributor and publishes the
+//! dispatch quantum; every rank reads its inbox as a [`StreamingRefQueue`] and ends each
+//! optimizer step with the data-parallel durable acknowledgement, then its inbox ack.
+//!
+//! Recovery (§14.4): a crash before the ack transaction replays the step's samples; a crash
+//! after it skips them and deletes their features; the ledger's step must equal the
+//! checkpoint's, and a resume may use a different DP size (the ref plane repartitions).
+
+use crate::channel::{FileRefChannel, RefSink, RefSource};
+use crate::collective::Collective;
+use crate::controller::{ControllerOptions, DataFlowController, Reconciliation};
+use crate::distributor::{DistributorOptions, RefDistributor, file_inboxes};
+use crate::dp_ack::DpAckController;
+use crate::ledger::{InMemoryLedger, Ledger, SqliteLedger};
+use crate::queue::RefQueue;
+use crate::stream_queue::{StreamQueueOptions, StreamingRefQueue};
+use ferry_core::{Error, Result, SampleId, SampleRef};
+use ferry_store::{DrainPolicy, FeatureStoreApi};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where an online consumer keeps its state, and its shape.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The run id.
+    pub run_id: String,
+    /// The producers' channel (`<control_dir>/refs.jsonl`).
+    pub channel: PathBuf,
+    /// The per-rank inboxes' directory.
+    pub inbox_dir: PathBuf,
+    /// Rank 0's durable ledger (`<consumer_state_dir>/consumer.sqlite`).
+    pub ledger: PathBuf,
+    /// Data-parallel ranks.
+    pub dp_size: usize,
+    /// Refs per rank per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub accumulation: usize,
+    /// Resume the attempt whose ledger this is (else the ledger must not exist).
+    pub resume: bool,
+    /// The trainer checkpoint's global step, which a resumed ledger's step must equal.
+    pub checkpoint_step: i64,
+    /// Fail when no ref arrives for this long while the channel is open (`None`: wait).
+    pub idle_timeout: Option<Duration>,
+    /// Sleep between empty polls (distributor and inbox readers).
+    pub poll: Duration,
+}
+
+impl ConsumerConfig {
+    /// Refs one rank trains per optimizer step.
+    pub fn refs_per_rank_step(&self) -> usize {
+        self.batch_size * self.accumulation
+    }
+
+    /// Refs all ranks train per optimizer step: the dispatch quantum.
+    pub fn quantum(&self) -> usize {
+        self.dp_size * self.refs_per_rank_step()
+    }
+}
+
+/// Rank 0's assembled state.
+#[derive(Debug)]
+pub struct Rank0 {
+    /// The controller over the durable ledger.
+    pub controller: Arc<DataFlowController>,
+    /// The distributor (start it with [`RefDistributor::start`] once the trainer is built).
+    pub distributor: Arc<RefDistributor>,
+    /// What a resume reconciled (`None` for a fresh attempt).
+    pub reconciliation: Option<Reconciliation>,
+}
+
+/// Rank 0's setup (§14.3 step 2). `store` is rank 0's store client: reconciliation deletes
+/// the features of samples a previous attempt durably trained, and the distributor drops the
+/// end-of-stream tail through it.
+pub fn setup_rank0(config: &ConsumerConfig, store: Option<Arc<dyn FeatureStoreApi>>) -> Result<Rank0> {
+    if config.dp_size < 1 || config.batch_size < 1 || config.accumulation < 1 {
+        return Err(Error::InvalidArgument(format!(
+            "online consumer: dp_size ({}), batch_size ({}) and accumulation ({}) must be at least 1",
+            config.dp_size, config.batch_size, config.accumulation
+        )));
+    }
+    let ledger: Arc<dyn Ledger> = Arc::new(if config.resume {
+        SqliteLedger::open_existing(&config.ledger)?
+    } else {
+        SqliteLedger::open_fresh(&config.ledger)?
+    });
+    let controller = Arc::new(DataFlowController::new(ControllerOptions::new(config.run_id.clone()), ledger));
+    let reconciliation = if config.resume {
+        let rec = controller.reconcile_on_restart(store.as_deref())?;
+        if let Some(store) = &store {
+            store.drain(DrainPolicy::default())?;
+        }
+        check_resume_step(&rec, config.checkpoint_step, &config.ledger)?;
+        Some(rec)
+    } else {
+        None
+    };
+    let (skip_ids, requeued_ids) = match &reconciliation {
+        Some(rec) => (rec.released.iter().cloned().collect(), rec.requeued.iter().cloned().collect()),
+        None => Default::default(),
+    };
+    let source = Arc::new(FileRefChannel::open(&config.channel));
+    let inboxes: Vec<Arc<dyn RefSink>> =
+        file_inboxes(&config.inbox_dir, config.dp_size)?.into_iter().map(|i| i as Arc<dyn RefSink>).collect();
+    let options = DistributorOptions {
+        skip_ids,
+        requeued_ids,
+        poll: config.poll,
+        idle_timeout: config.idle_timeout,
+        ..DistributorOptions::new(config.dp_size, config.refs_per_rank_step()).with_batch(config.batch_size)
+    };
+    let distributor = Arc::new(RefDistributor::new(source.clone(), Arc::clone(&controller), inboxes, store, options)?);
+    source.publish_consumer_quantum(config.quantum() as u64, config.resume)?;
+    Ok(Rank0 { controller, distributor, reconciliation })
+}
+
+/// A resumed ledger must be at an optimizer-durable step equal to the checkpoint's (a ledger
+/// with no step resumes only checkpoint 0).
+fn check_resume_step(rec: &Reconciliation, checkpoint_step: i64, ledger: &std::path::Path) -> Result<()> {
+    let context = format!("resuming from ledger {}", ledger.display());
+    match rec.global_step {
+        None if checkpoint_step == 0 => Ok(()),
+        None => Err(Error::Protocol {
+            context,
+            message: format!("the ledger has no durable step but the checkpoint is at step {checkpoint_step}"),
+        }),
+        Some(_) if !rec.optimizer_durable => Err(Error::Protocol {
+            context,
+            message: "the ledger's last acknowledgement was not at an optimizer-durable boundary".into(),
+        }),
+        Some(step) if step > checkpoint_step => Err(Error::Protocol {
+            context,
+            message: format!(
+                "the ledger's durable step {step} is ahead of checkpoint step {checkpoint_step}: acknowledgements after \
+                 the latest checkpoint make this attempt non-resumable"
+            ),
+        }),
+        Some(step) if step < checkpoint_step => Err(Error::Protocol {
+            context,
+            message: format!("the ledger's durable step {step} is behind checkpoint step {checkpoint_step}"),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// One rank's trainer-side stream: optimizer steps of refs from its inbox, each ended by the
+/// durable acknowledgement.
+#[derive(Debug)]
+pub struct RankStream {
+    queue: StreamingRefQueue,
+    ack: DpAckController,
+    batch_size: usize,
+    accumulation: usize,
+    trainer_id: String,
+    global_step: i64,
+}
+
+impl RankStream {
+    /// Rank `collective.rank()`'s stream. Rank 0 passes its [`Rank0::controller`]; other ranks
+    /// pass `None` (they keep a throwaway in-memory one). `store` is the rank's store client.
+    pub fn new(
+        config: &ConsumerConfig,
+        collective: Arc<dyn Collective>,
+        rank0_controller: Option<Arc<DataFlowController>>,
+        store: Option<Arc<dyn FeatureStoreApi>>,
+    ) -> Result<RankStream> {
+        let rank = collective.rank();
+        let controller = match rank0_controller {
+            Some(c) if rank == 0 => c,
+            Some(_) => {
+                return Err(Error::InvalidArgument(format!("rank {rank} was given rank 0's controller")));
+            }
+            None if rank == 0 => {
+                return Err(Error::InvalidArgument("rank 0 needs the controller over the durable ledger".into()));
+            }
+            None => Arc::new(DataFlowController::new(
+                ControllerOptions { enable_sample_queue: false, ..ControllerOptions::new(config.run_id.clone()) },
+                Arc::new(InMemoryLedger::new()),
+            )),
+        };
+        let inbox: Arc<dyn RefSource> = Arc::new(FileRefChannel::inbox(&config.inbox_dir, rank));
+        let queue = StreamingRefQueue::new(
+            inbox,
+            StreamQueueOptions {
+                poll: config.poll,
+                idle_timeout: config.idle_timeout,
+                ..StreamQueueOptions::default()
+            },
+        );
+        Ok(RankStream {
+            queue,
+            ack: DpAckController::new(controller, collective, store),
+            batch_size: config.batch_size,
+            accumulation: config.accumulation,
+            trainer_id: format!("trainer-{rank}"),
+            global_step: config.checkpoint_step,
+        })
+    }
+
+    /// The rank's inbox queue (for a loader that materializes batches from it).
+    pub fn queue(&self) -> &StreamingRefQueue {
+        &self.queue
+    }
+
+    /// The last durable global step.
+    pub fn global_step(&self) -> i64 {
+        self.global_step
+    }
+
+    /// The micro-batches of the next optimizer step, or `None` at the end of the stream. A
+    /// stream that ends inside a step is an error: no partial optimizer step is ever acked.
+    pub fn next_step(&self) -> Result<Option<Vec<Vec<SampleRef>>>> {
+        let mut micro = Vec::with_capacity(self.accumulation);
+        for i in 0..self.accumulation {
+            let batch = self.queue.get(self.batch_size, None)?;
+            if batch.is_empty() && i == 0 {
+                return Ok(None);
+            }
+            if batch.len() < self.batch_size {
+                let got = i * self.batch_size + batch.len();
+                return Err(Error::Protocol {
+                    context: format!("{} stream", self.trainer_id),
+                    message: format!(
+                        "the stream ended inside an optimizer step ({got} of {} refs); no partial optimizer step or \
+                         durable acknowledgement was committed",
+                        self.batch_size * self.accumulation
+                    ),
+                });
+            }
+            micro.push(batch);
+        }
+        Ok(Some(micro))
+    }
+
+    /// Ends a step trained on `ids`: the durable DP acknowledgement at the next global step,
+    /// then the inbox acknowledgement. Every rank calls it at every step, in lockstep.
+    pub fn commit_step(&mut self, ids: &[SampleId]) -> Result<()> {
+        let step = self.global_step + 1;
+        self.ack.ack_train_refs(&self.trainer_id, ids, Some(step), true)?;
+        self.global_step = step;
+        self.queue.ack_ids(ids)
+    }
+}
