@@ -435,3 +435,18 @@ fn bench_transfer_json_has_the_fields_scripts_rely_on() {
         }
     }
 }
+
+#[test]
+fn bench_control_json_has_the_fields_scripts_rely_on() {
+    let (stdout, _) =
+        success(&["bench", "control", "--refs", "200", "--dp", "2", "--batch", "2", "--accumulation", "2", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(v["refs"], 200);
+    assert_eq!(v["dp"], 2);
+    // 200 refs in windows of 8: 25 optimizer steps, nothing dropped.
+    assert_eq!((v["optimizer_steps"].as_u64(), v["dropped"].as_u64()), (Some(25), Some(0)));
+    assert!(v["refs_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    let out = ferry(&["bench", "control", "--refs", "3", "--dp", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("less than one optimizer window"), "{}", text(&out.stderr));
+}

@@ -650,3 +650,48 @@ proptest! {
         prop_assert!(at >= full);
     }
 }
+
+#[test]
+fn a_ferry_distributor_consumes_specforge_bytes_another_process_is_appending() {
+    use ferry_control::controller::{ControllerOptions, DataFlowController};
+    use ferry_control::distributor::{DistributorOptions, RefDistributor, file_inboxes};
+    use ferry_control::ledger::SqliteLedger;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = channel_in(&dir);
+    let rounds = 30;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_appends_specforge_bytes", "--nocapture"])
+        .env("FERRY_CHANNEL_CHILD", &path)
+        .env("FERRY_CHANNEL_ROUNDS", rounds.to_string())
+        .spawn()
+        .unwrap();
+    let ledger = Arc::new(SqliteLedger::open_fresh(dir.path().join("consumer.sqlite")).unwrap());
+    let controller = Arc::new(DataFlowController::new(ControllerOptions::new("run0"), ledger));
+    let inboxes: Vec<Arc<dyn RefSink>> =
+        file_inboxes(&dir.path().join("inboxes"), 1).unwrap().into_iter().map(|i| i as Arc<dyn RefSink>).collect();
+    let options = DistributorOptions { poll: Duration::from_millis(1), ..DistributorOptions::new(1, 1) };
+    let distributor =
+        RefDistributor::new(Arc::new(FileRefChannel::open(&path)), controller, inboxes, None, options).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !distributor.finished() {
+        assert!(std::time::Instant::now() < deadline, "the distributor did not reach the end of the stream");
+        if !distributor.pump().unwrap() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    // Three distinct samples, each dispatched once; every other record is a duplicate, settled
+    // at once; the torn record SpecForge left is never parsed.
+    let inbox = FileRefChannel::inbox(&dir.path().join("inboxes"), 0);
+    let got = inbox.poll(None).unwrap();
+    let want: Vec<SampleRef> = fixture_lines()[..3].iter().map(|l| sample_ref_from_str(l).unwrap()).collect();
+    assert_eq!(got, want);
+    let records = (fixture_lines().len() * rounds) as u64;
+    assert_eq!(distributor.stats().duplicates, records - 3);
+    let source = FileRefChannel::open(&path);
+    assert_eq!(source.consumed_remote().unwrap(), records - 3);
+    inbox.mark_consumed(3).unwrap();
+    distributor.pump().unwrap();
+    assert_eq!(source.consumed_remote().unwrap(), records, "every record settled exactly once");
+}
