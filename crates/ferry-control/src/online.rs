@@ -244,3 +244,66 @@ impl RankStream {
         self.queue.ack_ids(ids)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::RefSink;
+
+    fn rec(global_step: Option<i64>, optimizer_durable: bool) -> Reconciliation {
+        Reconciliation { requeued: Vec::new(), released: Vec::new(), global_step, optimizer_durable }
+    }
+
+    #[test]
+    fn a_resume_needs_the_ledgers_durable_step_to_equal_the_checkpoints() {
+        let db = std::path::Path::new("/state/consumer.sqlite");
+        assert!(check_resume_step(&rec(None, false), 0, db).is_ok());
+        assert!(check_resume_step(&rec(Some(7), true), 7, db).is_ok());
+        for (r, checkpoint, want) in [
+            (rec(None, false), 3, "no durable step"),
+            (rec(Some(7), false), 7, "not at an optimizer-durable boundary"),
+            (rec(Some(8), true), 7, "ahead of checkpoint step 7"),
+            (rec(Some(6), true), 7, "behind checkpoint step 7"),
+        ] {
+            let err = check_resume_step(&r, checkpoint, db).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("consumer.sqlite"), "{err}");
+        }
+    }
+
+    fn config(dir: &std::path::Path, resume: bool) -> ConsumerConfig {
+        ConsumerConfig {
+            run_id: "run0".into(),
+            channel: dir.join("control/refs.jsonl"),
+            inbox_dir: dir.join("inboxes"),
+            ledger: dir.join("state/consumer.sqlite"),
+            dp_size: 2,
+            batch_size: 2,
+            accumulation: 3,
+            resume,
+            checkpoint_step: 0,
+            idle_timeout: None,
+            poll: Duration::from_millis(1),
+        }
+    }
+
+    #[test]
+    fn rank0_setup_publishes_the_quantum_and_refuses_a_reused_or_missing_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("control")).unwrap();
+        let rank0 = setup_rank0(&config(dir.path(), false), None).unwrap();
+        assert!(dir.path().join("state/consumer.sqlite").exists(), "the ledger's directory is created");
+        let producer = FileRefChannel::open(dir.path().join("control/refs.jsonl"));
+        assert_eq!(producer.consumer_quantum().unwrap(), Some(12), "dp 2 x batch 2 x accumulation 3");
+        assert_eq!(rank0.distributor.dispatch_quantum(), 12);
+        drop(rank0);
+        // A fresh attempt never reuses a ledger; a resume needs one.
+        let err = setup_rank0(&config(dir.path(), false), None).unwrap_err().to_string();
+        assert!(err.contains("already exists") || err.contains("already holds"), "{err}");
+        let other = tempfile::tempdir().unwrap();
+        assert!(setup_rank0(&config(other.path(), true), None).is_err());
+        // A resume keeps the quantum; a fresh attempt on a used channel is refused.
+        assert!(setup_rank0(&config(dir.path(), true), None).is_ok());
+        let bad = ConsumerConfig { batch_size: 0, ..config(other.path(), false) };
+        assert!(matches!(setup_rank0(&bad, None), Err(Error::InvalidArgument(_))));
+    }
+}

@@ -180,3 +180,43 @@ fn threads_share_one_latched_flag() {
     assert!(!flow.should_pause(0, 0));
     assert_eq!(flow.snapshot().resume_transitions, 1);
 }
+
+/// The producer's loop against a real channel: publishing pauses at the high watermark of
+/// refs the consumer has not acknowledged, and resumes only once acknowledgements bring the
+/// in-flight count down to the low watermark.
+#[test]
+fn the_channels_in_flight_count_drives_the_producers_pause_and_resume() {
+    use ferry_control::channel::{FileRefChannel, RefSink, RefSource};
+    use ferry_core::json::sample_ref_from_str;
+
+    let line = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/specforge-control/refs.jsonl"
+    ))
+    .unwrap();
+    let template = sample_ref_from_str(line.lines().next().unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let producer = FileRefChannel::open(dir.path().join("refs.jsonl"));
+    let consumer = FileRefChannel::open(dir.path().join("refs.jsonl"));
+    let flow = ProducerFlowControl::new(FlowControlLimits {
+        high_watermark_refs: 8,
+        low_watermark_refs: Some(4),
+        ..FlowControlLimits::default()
+    })
+    .unwrap();
+    let mut published = 0;
+    while !flow.should_pause(producer.in_flight_remote().unwrap(), 0) {
+        let mut r = template.clone();
+        r.sample_id = format!("run0:{published}").into();
+        producer.publish(&r).unwrap();
+        published += 1;
+    }
+    assert_eq!(published, 8, "paused at the high watermark");
+    assert_eq!(consumer.poll(None).unwrap().len(), 8);
+    consumer.mark_consumed(3).unwrap();
+    assert!(flow.should_pause(producer.in_flight_remote().unwrap(), 0), "5 in flight: still above the low mark");
+    consumer.mark_consumed(1).unwrap();
+    assert!(!flow.should_pause(producer.in_flight_remote().unwrap(), 0), "4 in flight: resumed");
+    let snapshot = flow.snapshot();
+    assert_eq!((snapshot.pause_transitions, snapshot.resume_transitions), (1, 1));
+}
