@@ -82,6 +82,15 @@ pub fn setup_rank0(config: &ConsumerConfig, store: Option<Arc<dyn FeatureStoreAp
             config.dp_size, config.batch_size, config.accumulation
         )));
     }
+    if let Some(store) = &store
+        && !store.health()?.retain_on_release
+    {
+        return Err(Error::InvalidArgument(format!(
+            "online consumer: store {} releases bytes when a read lease ends; open it with retain_on_release: \
+             features are deleted only after an optimizer-boundary durable ack",
+            store.store_id()
+        )));
+    }
     let ledger: Arc<dyn Ledger> = Arc::new(if config.resume {
         SqliteLedger::open_existing(&config.ledger)?
     } else {
@@ -305,5 +314,10 @@ mod tests {
         assert!(setup_rank0(&config(dir.path(), true), None).is_ok());
         let bad = ConsumerConfig { batch_size: 0, ..config(other.path(), false) };
         assert!(matches!(setup_rank0(&bad, None), Err(Error::InvalidArgument(_))));
+        // A store that frees on release would lose samples the trainer has not durably acked.
+        let consume_once: Arc<dyn FeatureStoreApi> =
+            Arc::new(ferry_store::open_store("mem://once", ferry_store::StoreOptions::default()).unwrap());
+        let err = setup_rank0(&config(other.path(), false), Some(consume_once)).unwrap_err().to_string();
+        assert!(err.contains("retain_on_release"), "{err}");
     }
 }

@@ -16,59 +16,71 @@
 
 use crate::queue::RefQueue;
 use ferry_core::{Result, SampleId, SampleRef};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Refs keyed by sample id, iterated in insertion order.
+/// Pending refs in FIFO order, with their ids for the duplicate check.
 #[derive(Debug, Default)]
-struct OrderedRefs {
-    by_seq: BTreeMap<u64, SampleRef>,
+struct Pending {
+    refs: VecDeque<SampleRef>,
+    ids: HashSet<SampleId>,
+}
+
+impl Pending {
+    fn push_back(&mut self, r: SampleRef) {
+        self.ids.insert(r.sample_id.clone());
+        self.refs.push_back(r);
+    }
+
+    fn pop_front(&mut self) -> Option<SampleRef> {
+        let r = self.refs.pop_front()?;
+        self.ids.remove(&r.sample_id);
+        Some(r)
+    }
+}
+
+/// Leased ids in lease order. Only ids: a leased ref goes back to the queue only through
+/// `fail`, whose caller hands the ref back, so the queue keeps no copy of what it leased.
+#[derive(Debug, Default)]
+struct Leased {
+    by_seq: BTreeMap<u64, SampleId>,
     seq_of: HashMap<SampleId, u64>,
     next_seq: u64,
 }
 
-impl OrderedRefs {
+impl Leased {
     fn len(&self) -> usize {
         self.by_seq.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.by_seq.is_empty()
     }
 
     fn contains(&self, id: &SampleId) -> bool {
         self.seq_of.contains_key(id)
     }
 
-    /// Appends `r` at the tail (the caller has checked the id is absent).
-    fn push_back(&mut self, r: SampleRef) {
+    fn insert(&mut self, id: SampleId) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.seq_of.insert(r.sample_id.clone(), seq);
-        self.by_seq.insert(seq, r);
+        self.seq_of.insert(id.clone(), seq);
+        self.by_seq.insert(seq, id);
     }
 
-    fn pop_front(&mut self) -> Option<SampleRef> {
-        let (_, r) = self.by_seq.pop_first()?;
-        self.seq_of.remove(&r.sample_id);
-        Some(r)
-    }
-
-    fn remove(&mut self, id: &SampleId) -> Option<SampleRef> {
-        let seq = self.seq_of.remove(id)?;
-        self.by_seq.remove(&seq)
+    fn remove(&mut self, id: &SampleId) -> bool {
+        match self.seq_of.remove(id) {
+            Some(seq) => self.by_seq.remove(&seq).is_some(),
+            None => false,
+        }
     }
 
     fn ids(&self) -> Vec<SampleId> {
-        self.by_seq.values().map(|r| r.sample_id.clone()).collect()
+        self.by_seq.values().cloned().collect()
     }
 }
 
 #[derive(Debug, Default)]
 struct QueueState {
-    pending: OrderedRefs,
-    leased: OrderedRefs,
+    pending: Pending,
+    leased: Leased,
 }
 
 /// The in-process staging queue. Thread-safe; share it as `Arc<SampleRefQueue>` (or as an
@@ -87,8 +99,8 @@ impl SampleRefQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
-        // A panic elsewhere while holding the lock leaves both maps consistent (every update is
-        // a single insert or remove pair), so the state is still usable.
+        // A panic elsewhere while holding the lock leaves the state consistent (every update is
+        // a single insert or remove pair), so it is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -99,7 +111,7 @@ impl SampleRefQueue {
         let mut state = self.lock();
         let mut accepted = 0;
         for r in refs {
-            if state.pending.contains(&r.sample_id) || state.leased.contains(&r.sample_id) {
+            if state.pending.ids.contains(&r.sample_id) || state.leased.contains(&r.sample_id) {
                 tracing::debug!(sample = %r.sample_id, "staging queue skipped a ref already pending or leased");
                 continue;
             }
@@ -119,7 +131,7 @@ impl SampleRefQueue {
 
     /// Ids waiting to be leased, oldest first.
     pub fn pending_ids(&self) -> Vec<SampleId> {
-        self.lock().pending.ids()
+        self.lock().pending.refs.iter().map(|r| r.sample_id.clone()).collect()
     }
 }
 
@@ -133,7 +145,7 @@ impl RefQueue for SampleRefQueue {
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut state = self.lock();
-        while state.pending.is_empty() {
+        while state.pending.refs.is_empty() {
             let Some(left) = deadline.and_then(|d| d.checked_duration_since(Instant::now())) else {
                 return Ok(Vec::new());
             };
@@ -142,10 +154,10 @@ impl RefQueue for SampleRefQueue {
             }
             state = self.refs_added.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
         }
-        let mut leased = Vec::with_capacity(max.min(state.pending.len()));
+        let mut leased = Vec::with_capacity(max.min(state.pending.refs.len()));
         while leased.len() < max {
             let Some(r) = state.pending.pop_front() else { break };
-            state.leased.push_back(r.clone());
+            state.leased.insert(r.sample_id.clone());
             leased.push(r);
         }
         Ok(leased)
@@ -166,9 +178,8 @@ impl RefQueue for SampleRefQueue {
         let mut state = self.lock();
         let mut requeued = 0usize;
         for r in refs {
-            let Some(leased) = state.leased.remove(&r.sample_id) else { continue };
-            if retryable {
-                state.pending.push_back(leased);
+            if state.leased.remove(&r.sample_id) && retryable {
+                state.pending.push_back(r.clone());
                 requeued += 1;
             }
         }
@@ -180,7 +191,7 @@ impl RefQueue for SampleRefQueue {
     }
 
     fn depth(&self) -> usize {
-        self.lock().pending.len()
+        self.lock().pending.refs.len()
     }
 
     fn in_flight_ids(&self) -> Vec<SampleId> {

@@ -64,7 +64,8 @@ pub struct StreamingRefQueue {
 #[derive(Default)]
 struct State {
     buffer: VecDeque<SampleRef>,
-    in_flight: VecDeque<SampleRef>,
+    /// Ids only: a retryable failure hands its refs back.
+    in_flight: VecDeque<SampleId>,
 }
 
 impl std::fmt::Debug for StreamingRefQueue {
@@ -151,7 +152,7 @@ impl StreamingRefQueue {
         let mut state = lock(&self.state);
         let take = max.min(state.buffer.len());
         let refs: Vec<SampleRef> = state.buffer.drain(..take).collect();
-        state.in_flight.extend(refs.iter().cloned());
+        state.in_flight.extend(refs.iter().map(|r| r.sample_id.clone()));
         Ok(refs)
     }
 }
@@ -174,10 +175,9 @@ impl RefQueue for StreamingRefQueue {
         {
             let mut state = lock(&self.state);
             let is_prefix =
-                ids.len() <= state.in_flight.len() && state.in_flight.iter().zip(ids).all(|(r, id)| r.sample_id == *id);
+                ids.len() <= state.in_flight.len() && state.in_flight.iter().zip(ids).all(|(leased, id)| leased == id);
             if !is_prefix {
-                let expected: Vec<&str> =
-                    state.in_flight.iter().take(ids.len()).map(|r| r.sample_id.as_str()).collect();
+                let expected: Vec<&str> = state.in_flight.iter().take(ids.len()).map(SampleId::as_str).collect();
                 let got: Vec<&str> = ids.iter().map(SampleId::as_str).collect();
                 return Err(Error::Protocol {
                     context: format!("StreamingRefQueue {}", self.source.describe()),
@@ -197,7 +197,8 @@ impl RefQueue for StreamingRefQueue {
         }
         {
             let mut state = lock(&self.state);
-            state.in_flight.retain(|r| !refs.iter().any(|f| f.sample_id == r.sample_id));
+            let failed: std::collections::HashSet<&SampleId> = refs.iter().map(|r| &r.sample_id).collect();
+            state.in_flight.retain(|id| !failed.contains(id));
             if retryable {
                 for r in refs.iter().rev() {
                     state.buffer.push_front(r.clone());
@@ -215,7 +216,7 @@ impl RefQueue for StreamingRefQueue {
     }
 
     fn in_flight_ids(&self) -> Vec<SampleId> {
-        lock(&self.state).in_flight.iter().map(|r| r.sample_id.clone()).collect()
+        lock(&self.state).in_flight.iter().cloned().collect()
     }
 
     fn loader_close_retryable(&self) -> bool {
