@@ -16,10 +16,11 @@ use crate::controller::DataFlowController;
 use crate::queue::RefQueue;
 use crate::ref_queue::SampleRefQueue;
 use crate::signal::StopSignal;
+use ferry_core::json::{JsonStyle, sample_ref_to_string};
 use ferry_core::{Error, Result, SampleId, SampleRef};
 use ferry_store::{Clock, FeatureStoreApi, SystemClock};
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -110,6 +111,8 @@ struct State {
     /// The sum of the inboxes' consumed counters already forwarded to the source.
     forwarded_acks: u64,
     requeued: HashSet<SampleId>,
+    /// The producer's record of each fresh ref not dispatched yet: forwarded to the inbox as is.
+    lines: HashMap<SampleId, Box<str>>,
     finished: bool,
     stats: DistributorStats,
 }
@@ -240,11 +243,11 @@ impl RefDistributor {
         if let Some(reason) = self.source.failure()? {
             return Err(Error::PeerFailed { channel: self.source.describe(), peer: "source producer".into(), reason });
         }
-        let mut raw = self.source.poll(Some(MAX_REFS_PER_PUMP))?;
+        let mut raw = self.source.poll_lines(Some(MAX_REFS_PER_PUMP))?;
         let mut drained = false;
         if raw.is_empty() && self.source.is_closed()? {
             // A final ref may land between the empty poll and the close check.
-            raw = self.source.poll(Some(MAX_REFS_PER_PUMP))?;
+            raw = self.source.poll_lines(Some(MAX_REFS_PER_PUMP))?;
             drained = raw.is_empty();
         }
         let mut progress = !raw.is_empty();
@@ -259,17 +262,19 @@ impl RefDistributor {
     }
 
     /// Skips, commits (one ledger transaction) and settles duplicates at once.
-    fn commit(&self, state: &mut State, raw: Vec<SampleRef>) -> Result<()> {
+    fn commit(&self, state: &mut State, raw: Vec<(SampleRef, Box<str>)>) -> Result<()> {
         if raw.is_empty() {
             return Ok(());
         }
         let mut candidates = Vec::with_capacity(raw.len());
-        for r in raw {
+        let mut lines = Vec::with_capacity(raw.len());
+        for (r, line) in raw {
             if self.options.skip_ids.contains(&r.sample_id) {
                 // Trained by a previous attempt, and already settled by it.
                 state.stats.skipped += 1;
             } else {
                 candidates.push(r);
+                lines.push(line);
             }
         }
         if candidates.is_empty() {
@@ -278,8 +283,10 @@ impl RefDistributor {
         let ids: Vec<SampleId> = candidates.iter().map(|r| r.sample_id.clone()).collect();
         let flags = self.controller.commit_owned(&self.options.worker_id, candidates)?;
         let mut settle = 0u64;
-        for (id, fresh) in ids.iter().zip(flags) {
-            if !fresh {
+        for ((id, fresh), line) in ids.iter().zip(flags).zip(lines) {
+            if fresh {
+                state.lines.insert(id.clone(), line);
+            } else {
                 state.stats.duplicates += 1;
                 // Reconciliation already staged it: its replayed record is not a new one.
                 if !state.requeued.remove(id) {
@@ -300,7 +307,7 @@ impl RefDistributor {
     /// inboxes are written before the pump returns.
     fn dispatch(&self, state: &mut State) -> Result<bool> {
         let dp = self.options.dp_size;
-        let mut per_rank: Vec<Vec<SampleRef>> = vec![Vec::new(); dp];
+        let mut per_rank: Vec<Vec<Box<str>>> = vec![Vec::new(); dp];
         let mut dispatched = 0usize;
         loop {
             if state.window_dispatched == 0 && state.round.len() + self.queue.depth() < self.dispatch_quantum {
@@ -313,8 +320,14 @@ impl RefDistributor {
             if state.round.len() < self.round_quantum {
                 break;
             }
-            for (i, r) in state.round.drain(..).enumerate() {
-                per_rank[i % dp].push(r);
+            let round = std::mem::take(&mut state.round);
+            for (i, r) in round.into_iter().enumerate() {
+                // The producer's own record, or (a ref reconciliation staged again) a new one.
+                let line = match state.lines.remove(&r.sample_id) {
+                    Some(line) => line,
+                    None => sample_ref_to_string(&r, JsonStyle::Compact)?.into_boxed_str(),
+                };
+                per_rank[i % dp].push(line);
             }
             dispatched += self.round_quantum;
             state.window_dispatched += self.round_quantum;
@@ -325,8 +338,9 @@ impl RefDistributor {
         if dispatched == 0 {
             return Ok(false);
         }
-        for (inbox, refs) in self.inboxes.iter().zip(&per_rank) {
-            inbox.publish_batch(refs)?;
+        for (inbox, lines) in self.inboxes.iter().zip(&per_rank) {
+            let lines: Vec<&str> = lines.iter().map(AsRef::as_ref).collect();
+            inbox.publish_lines(&lines)?;
         }
         state.stats.dispatched += dispatched as u64;
         Ok(true)
@@ -376,6 +390,9 @@ impl RefDistributor {
                 o.refs_per_rank_step
             );
             state.stats.dropped += leftover.len() as u64;
+            for r in &leftover {
+                state.lines.remove(&r.sample_id);
+            }
             self.queue.fail(&leftover, &reason, false)?;
             let mut cleanup_errors = Vec::new();
             if let Some(store) = &self.store {

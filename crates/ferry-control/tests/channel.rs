@@ -687,6 +687,8 @@ fn a_ferry_distributor_consumes_specforge_bytes_another_process_is_appending() {
     let got = inbox.poll(None).unwrap();
     let want: Vec<SampleRef> = fixture_lines()[..3].iter().map(|l| sample_ref_from_str(l).unwrap()).collect();
     assert_eq!(got, want);
+    let inbox_bytes = std::fs::read_to_string(dir.path().join("inboxes/inbox-rank0.jsonl")).unwrap();
+    assert_eq!(inbox_bytes, format!("{}\n", fixture_lines()[..3].join("\n")), "SpecForge's records, byte for byte");
     let records = (fixture_lines().len() * rounds) as u64;
     assert_eq!(distributor.stats().duplicates, records - 3);
     let source = FileRefChannel::open(&path);

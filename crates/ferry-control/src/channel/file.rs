@@ -240,6 +240,30 @@ impl FileRefChannel {
         }
     }
 
+    /// Parses up to `max` queued records, keeping each record's text when `keep_lines`.
+    fn poll_records(&self, max: Option<usize>, keep_lines: bool) -> Result<Vec<(SampleRef, Option<Box<str>>)>> {
+        let mut reader = lock(&self.reader);
+        self.read_new(&mut reader)?;
+        let take = max.unwrap_or(usize::MAX).min(reader.lines.len());
+        let mut out = Vec::with_capacity(take);
+        while out.len() < take {
+            let Some((offset, line)) = reader.lines.front() else { break };
+            match self.parse(*offset, line) {
+                Ok(r) => {
+                    let line = reader.lines.pop_front().map(|(_, line)| line);
+                    // `parse` checked the bytes are UTF-8, so the conversion takes the buffer as is.
+                    let text = line.filter(|_| keep_lines).and_then(|l| String::from_utf8(l).ok());
+                    out.push((r, text.map(String::into_boxed_str)));
+                }
+                // The bad record stays queued (bad input never loses data): the refs before it
+                // are returned now, and the error on the next poll.
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(out)
+    }
+
     fn parse(&self, offset: u64, line: &[u8]) -> Result<SampleRef> {
         let corrupt = |message: String| Error::Corrupt {
             what: format!("ref channel {} record at byte {offset}", self.path.display()),
@@ -269,6 +293,27 @@ impl RefSink for FileRefChannel {
         let mut ends = Vec::with_capacity(refs.len());
         for r in refs {
             payload.push_str(&Self::record(r)?);
+            ends.push(payload.len());
+        }
+        let mut writer = lock(&self.writer);
+        self.append(&mut writer, payload.as_bytes(), &ends)
+    }
+
+    fn publish_lines(&self, lines: &[&str]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut payload = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        let mut ends = Vec::with_capacity(lines.len());
+        for line in lines {
+            if line.contains('\n') {
+                return Err(Error::InvalidArgument(format!(
+                    "a ref record for {} spans several lines",
+                    self.path.display()
+                )));
+            }
+            payload.push_str(line);
+            payload.push('\n');
             ends.push(payload.len());
         }
         let mut writer = lock(&self.writer);
@@ -321,24 +366,11 @@ impl RefSource for FileRefChannel {
     }
 
     fn poll(&self, max: Option<usize>) -> Result<Vec<SampleRef>> {
-        let mut reader = lock(&self.reader);
-        self.read_new(&mut reader)?;
-        let take = max.unwrap_or(usize::MAX).min(reader.lines.len());
-        let mut out = Vec::with_capacity(take);
-        while out.len() < take {
-            let Some((offset, line)) = reader.lines.front() else { break };
-            match self.parse(*offset, line) {
-                Ok(r) => {
-                    reader.lines.pop_front();
-                    out.push(r);
-                }
-                // The bad record stays queued (bad input never loses data): the refs before it
-                // are returned now, and the error on the next poll.
-                Err(e) if out.is_empty() => return Err(e),
-                Err(_) => break,
-            }
-        }
-        Ok(out)
+        Ok(self.poll_records(max, false)?.into_iter().map(|(r, _)| r).collect())
+    }
+
+    fn poll_lines(&self, max: Option<usize>) -> Result<Vec<(SampleRef, Box<str>)>> {
+        Ok(self.poll_records(max, true)?.into_iter().map(|(r, line)| (r, line.unwrap_or_default())).collect())
     }
 
     fn is_closed(&self) -> Result<bool> {

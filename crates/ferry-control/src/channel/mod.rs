@@ -38,6 +38,14 @@ pub trait RefSink: Send + Sync {
     /// count as published ([`RefSink::published`] says how many).
     fn publish_batch(&self, refs: &[SampleRef]) -> Result<()>;
 
+    /// Appends records that are already compact JSON refs, one per line, as
+    /// [`RefSink::publish_batch`] does (the distributor forwards the producer's bytes this way
+    /// instead of serializing each ref again). The default parses them and publishes the refs.
+    fn publish_lines(&self, lines: &[&str]) -> Result<()> {
+        let refs = lines.iter().map(|l| ferry_core::json::sample_ref_from_str(l)).collect::<Result<Vec<_>>>()?;
+        self.publish_batch(&refs)
+    }
+
     /// Refs this instance published (not read back from the channel).
     fn published(&self) -> u64;
 
@@ -76,6 +84,18 @@ pub trait RefSource: Send + Sync {
     /// Returns up to `max` new refs (all of them for `None`) without blocking. Refs already read
     /// but beyond `max` stay queued for the next call; a torn trailing record is never parsed.
     fn poll(&self, max: Option<usize>) -> Result<Vec<SampleRef>>;
+
+    /// [`RefSource::poll`], with each ref's record as it was written (compact JSON). The default
+    /// serializes the refs.
+    fn poll_lines(&self, max: Option<usize>) -> Result<Vec<(SampleRef, Box<str>)>> {
+        self.poll(max)?
+            .into_iter()
+            .map(|r| {
+                let line = ferry_core::json::sample_ref_to_string(&r, ferry_core::json::JsonStyle::Compact)?;
+                Ok((r, line.into_boxed_str()))
+            })
+            .collect()
+    }
 
     /// Whether the writer signalled a clean end of stream. An inbox whose distributor failed
     /// returns that failure as the error instead.
