@@ -254,6 +254,129 @@ impl RankStream {
     }
 }
 
+/// Rank 0's setup, agreed on by every rank (§14.3 steps 2-3): rank 0 runs [`setup_rank0`] and
+/// broadcasts how it went; if it failed, every rank fails with the same error ("online consumer
+/// rank-0 setup failed: ...") and `.consumer_failed` says why. Returns rank 0's state on rank 0,
+/// `None` elsewhere.
+pub fn agree_on_rank0_setup(
+    config: &ConsumerConfig,
+    collective: &dyn Collective,
+    store: Option<Arc<dyn FeatureStoreApi>>,
+) -> Result<Option<Rank0>> {
+    let (rank0, failure) = if collective.rank() == 0 {
+        match setup_rank0(config, store) {
+            Ok(rank0) => (Some(rank0), None),
+            Err(e) => (None, Some(e.python_reason())),
+        }
+    } else {
+        (None, None)
+    };
+    let part = serde_json::to_vec(&failure).map_err(|e| Error::InvalidArgument(format!("encoding: {e}")))?;
+    let agreed: Option<String> = serde_json::from_slice(&collective.broadcast_from_rank0(part)?)
+        .map_err(|e| Error::Corrupt { what: "rank 0's setup outcome".into(), message: e.to_string() })?;
+    if let Some(reason) = agreed {
+        let error = Error::Collective { message: format!("online consumer rank-0 setup failed: {reason}") };
+        if collective.rank() == 0 {
+            publish_consumer_failure(config, &error);
+        }
+        return Err(error);
+    }
+    Ok(rank0)
+}
+
+/// Writes `.consumer_failed` with `"<Type>: <message>"`; a failure to write it is logged (the
+/// primary error is what the caller returns).
+fn publish_consumer_failure(config: &ConsumerConfig, error: &Error) {
+    let channel = FileRefChannel::open(&config.channel);
+    if let Err(e) = channel.mark_consumer_failed(&error.python_reason()) {
+        tracing::error!(channel = %config.channel.display(), error = %e, "could not publish the consumer failure");
+    }
+}
+
+/// What one rank's run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankReport {
+    /// Optimizer steps durably acknowledged.
+    pub steps: u64,
+    /// Refs trained.
+    pub refs: u64,
+    /// The last durable global step.
+    pub global_step: i64,
+}
+
+/// One rank's whole online run with SpecForge's lifecycle hooks (§14.3 steps 6-7): train every
+/// optimizer step the rank's inbox delivers (`train` gets the step's micro-batches), end each
+/// with the durable acknowledgement; on success drain the rank's store, agree on every rank's
+/// drain outcome, and (rank 0) publish `.consumer_done`; on failure publish `.consumer_failed`
+/// with `"<Type>: <message>"` (with a failed drain's error alongside, never masking the
+/// primary one). Call it on every rank; `rank0` is rank 0's [`agree_on_rank0_setup`] result,
+/// whose distributor must be running.
+pub fn run_rank(
+    config: &ConsumerConfig,
+    collective: Arc<dyn Collective>,
+    rank0: Option<&Rank0>,
+    store: Option<Arc<dyn FeatureStoreApi>>,
+    mut train: impl FnMut(&[Vec<SampleRef>]) -> Result<()>,
+) -> Result<RankReport> {
+    let rank = collective.rank();
+    let result = (|| -> Result<RankReport> {
+        let mut stream =
+            RankStream::new(config, Arc::clone(&collective), rank0.map(|r| Arc::clone(&r.controller)), store.clone())?;
+        let mut report = RankReport { steps: 0, refs: 0, global_step: stream.global_step() };
+        while let Some(step) = stream.next_step()? {
+            train(&step)?;
+            let ids: Vec<SampleId> = step.iter().flatten().map(|r| r.sample_id.clone()).collect();
+            stream.commit_step(&ids)?;
+            report.steps += 1;
+            report.refs += ids.len() as u64;
+            report.global_step = stream.global_step();
+        }
+        Ok(report)
+    })();
+    match result {
+        Ok(report) => {
+            // Success: every rank drains its store; any failure fails every rank.
+            let drained = store.as_ref().map(|s| s.drain(DrainPolicy::default())).transpose();
+            let failure = drained.err().map(|e| format!("rank {rank}: {e}"));
+            let part = serde_json::to_vec(&failure).map_err(|e| Error::InvalidArgument(format!("encoding: {e}")))?;
+            let mut failures = Vec::new();
+            for (r, p) in collective.all_gather(part)?.iter().enumerate() {
+                let f: Option<String> = serde_json::from_slice(p).map_err(|e| Error::Corrupt {
+                    what: format!("rank {r}'s drain outcome"),
+                    message: e.to_string(),
+                })?;
+                failures.extend(f);
+            }
+            if !failures.is_empty() {
+                let error = Error::Collective {
+                    message: format!("online consumer finished but a store drain failed: {}", failures.join("; ")),
+                };
+                if rank == 0 {
+                    publish_consumer_failure(config, &error);
+                }
+                return Err(error);
+            }
+            if rank == 0 {
+                FileRefChannel::open(&config.channel).mark_consumer_done()?;
+            }
+            Ok(report)
+        }
+        Err(primary) => {
+            // Failure: publish it (any rank may), with a failed drain's error beside it; the
+            // caller gets the primary error.
+            let mut text = primary.python_reason();
+            if let Some(e) = store.as_ref().and_then(|s| s.drain(DrainPolicy::default()).err()) {
+                tracing::error!(rank, error = %e, "store drain failed after a consumer failure");
+                text.push_str(&format!("; store drain also failed: {}", e.python_reason()));
+            }
+            if let Err(e) = FileRefChannel::open(&config.channel).mark_consumer_failed(&text) {
+                tracing::error!(error = %e, "could not publish the consumer failure");
+            }
+            Err(primary)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,9 @@ impl RecordingStore {
 
     pub(crate) fn with(fail_abort: bool, fail_drain: bool, on_abort: Option<AbortHook>) -> RecordingStore {
         RecordingStore {
-            inner: open_store("mem://test", StoreOptions::default()).unwrap(),
+            // Online consumers keep bytes until the durable ack deletes them.
+            inner: open_store("mem://test", StoreOptions { retain_on_release: true, ..StoreOptions::default() })
+                .unwrap(),
             events: Mutex::new(Vec::new()),
             fail_abort,
             fail_drain,
@@ -111,6 +113,15 @@ impl FeatureStoreApi for RecordingStore {
         FeatureStoreApi::gc(&self.inner)
     }
     fn drain(&self, policy: DrainPolicy) -> Result<DrainReport> {
+        self.events.lock().unwrap().push("drain".into());
+        if self.fail_drain {
+            return Err(Error::Backend {
+                backend: "test".into(),
+                operation: "drain".into(),
+                key: "store".into(),
+                message: "injected drain failure".into(),
+            });
+        }
         FeatureStoreApi::drain(&self.inner, policy)
     }
     fn drain_samples(&self, sample_ids: &[SampleId], policy: DrainPolicy) -> Result<DrainReport> {

@@ -1,0 +1,175 @@
+//! The online consumer's lifecycle hooks (SpecForge §14.3): rank 0's setup failure reaching
+//! every rank identically, success draining every rank's store once before `.consumer_done`,
+//! a failure published as `.consumer_failed` (with a failed drain beside it, never instead of
+//! it), and the idle timeout reaching the distributor and the queues.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::RecordingStore;
+use ferry_control::channel::{FileRefChannel, RefSink};
+use ferry_control::collective::{Collective, LocalGroup, SingleRank};
+use ferry_control::ledger::{Ledger, SqliteLedger};
+use ferry_control::online::{ConsumerConfig, RankReport, agree_on_rank0_setup, run_rank};
+use ferry_core::{Error, Result, SampleRef};
+use ferry_store::FeatureStoreApi;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn config(dir: &Path, dp: usize, idle_timeout: Option<Duration>) -> ConsumerConfig {
+    ConsumerConfig {
+        run_id: "life".into(),
+        channel: dir.join("control/refs.jsonl"),
+        inbox_dir: dir.join("state/inboxes"),
+        ledger: dir.join("state/consumer.sqlite"),
+        dp_size: dp,
+        batch_size: 2,
+        accumulation: 1,
+        resume: false,
+        checkpoint_step: 0,
+        idle_timeout,
+        poll: Duration::from_millis(1),
+    }
+}
+
+fn sidecar(dir: &Path, suffix: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(format!("control/refs.jsonl{suffix}"))).ok()
+}
+
+/// Publishes `n` samples of `store` and closes the channel.
+fn produce(dir: &Path, store: &RecordingStore, n: usize) {
+    std::fs::create_dir_all(dir.join("control")).unwrap();
+    let channel = FileRefChannel::open(dir.join("control/refs.jsonl"));
+    for i in 0..n {
+        channel.publish(&store.sample(&format!("life:{i}"))).unwrap();
+    }
+    channel.close().unwrap();
+}
+
+/// Runs every rank as a thread: setup agreement, the distributor on rank 0, `run_rank`.
+fn run_ranks(
+    config: &ConsumerConfig,
+    stores: &[Arc<RecordingStore>],
+    train: fn(usize, &[Vec<SampleRef>]) -> Result<()>,
+) -> Vec<Result<RankReport>> {
+    let threads: Vec<_> = LocalGroup::new(config.dp_size, Duration::from_secs(30))
+        .into_iter()
+        .enumerate()
+        .map(|(rank, group)| {
+            let (config, store) = (config.clone(), Arc::clone(&stores[rank]));
+            std::thread::spawn(move || {
+                let group: Arc<dyn Collective> = Arc::new(group);
+                let store: Arc<dyn FeatureStoreApi> = store;
+                let rank0 = agree_on_rank0_setup(&config, group.as_ref(), Some(Arc::clone(&store)))?;
+                let distributor = rank0.as_ref().map(|r| r.distributor.start()).transpose()?;
+                let result = run_rank(&config, group, rank0.as_ref(), Some(store), |step| train(rank, step));
+                if let Some(d) = distributor {
+                    let _ = d.stop();
+                }
+                result
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn ok_train(_rank: usize, _step: &[Vec<SampleRef>]) -> Result<()> {
+    Ok(())
+}
+
+#[test]
+fn a_successful_run_drains_every_rank_once_then_signals_done() {
+    let dir = tempfile::tempdir().unwrap();
+    // Both ranks are clients of one store (as of one node's daemon).
+    let store = Arc::new(RecordingStore::with(false, false, None));
+    let stores = [Arc::clone(&store), Arc::clone(&store)];
+    produce(dir.path(), &store, 8);
+    let reports = run_ranks(&config(dir.path(), 2, None), &stores, ok_train);
+    for report in &reports {
+        assert_eq!(report.as_ref().unwrap(), &RankReport { steps: 2, refs: 4, global_step: 2 });
+    }
+    assert_eq!(store.events().iter().filter(|e| *e == "drain").count(), 2, "one drain per rank");
+    assert_eq!(sidecar(dir.path(), ".consumer_done").as_deref(), Some(""));
+    assert!(sidecar(dir.path(), ".consumer_failed").is_none());
+    assert_eq!(store.health().unwrap().resident_samples, 0, "every feature deleted at its durable ack");
+}
+
+#[test]
+fn a_rank0_setup_failure_reaches_every_rank_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores =
+        [Arc::new(RecordingStore::with(false, false, None)), Arc::new(RecordingStore::with(false, false, None))];
+    produce(dir.path(), &stores[0], 4);
+    // A ledger from an earlier attempt: a fresh attempt must not reuse it.
+    let ledger = SqliteLedger::open(dir.path().join("state/consumer.sqlite")).unwrap();
+    ledger.commit_samples(&[stores[0].sample("old:0")]).unwrap();
+    drop(ledger);
+    let errors: Vec<String> = run_ranks(&config(dir.path(), 2, None), &stores, ok_train)
+        .into_iter()
+        .map(|r| r.unwrap_err().to_string())
+        .collect();
+    assert_eq!(errors[0], errors[1]);
+    assert!(
+        errors[0].contains("online consumer rank-0 setup failed")
+            && errors[0].contains("already holds 1 committed samples"),
+        "{}",
+        errors[0]
+    );
+    let published = sidecar(dir.path(), ".consumer_failed").unwrap();
+    assert!(published.starts_with("RuntimeError: online consumer rank-0 setup failed"), "{published}");
+}
+
+fn failing_train(_rank: usize, _step: &[Vec<SampleRef>]) -> Result<()> {
+    Err(Error::Protocol { context: "trainer".into(), message: "optimizer failed".into() })
+}
+
+#[test]
+fn a_training_failure_is_published_and_a_failed_drain_joins_it_without_masking_it() {
+    for fail_drain in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RecordingStore::with(false, fail_drain, None));
+        produce(dir.path(), &store, 4);
+        let err =
+            run_ranks(&config(dir.path(), 1, None), std::slice::from_ref(&store), failing_train).remove(0).unwrap_err();
+        assert_eq!(err.to_string(), "trainer: optimizer failed", "the primary error is what the caller gets");
+        let published = sidecar(dir.path(), ".consumer_failed").unwrap();
+        assert!(published.starts_with("RuntimeError: trainer: optimizer failed"), "{published}");
+        assert_eq!(
+            published.contains("store drain also failed: RuntimeError: test backend: drain"),
+            fail_drain,
+            "{published}"
+        );
+        assert!(sidecar(dir.path(), ".consumer_done").is_none());
+    }
+}
+
+#[test]
+fn a_failed_drain_after_success_fails_every_rank_and_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores =
+        [Arc::new(RecordingStore::with(false, false, None)), Arc::new(RecordingStore::with(false, true, None))];
+    produce(dir.path(), &stores[0], 4);
+    let errors: Vec<String> = run_ranks(&config(dir.path(), 2, None), &stores, ok_train)
+        .into_iter()
+        .map(|r| r.unwrap_err().to_string())
+        .collect();
+    assert_eq!(errors[0], errors[1]);
+    assert!(errors[0].contains("rank 1:") && errors[0].contains("drain"), "{}", errors[0]);
+    assert!(sidecar(dir.path(), ".consumer_failed").is_some() && sidecar(dir.path(), ".consumer_done").is_none());
+}
+
+#[test]
+fn the_idle_timeout_reaches_the_distributor_and_the_queues() {
+    // Unbounded by default: nothing to test but the default itself.
+    assert_eq!(config(Path::new("/x"), 1, None).idle_timeout, None);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("control")).unwrap();
+    let store = Arc::new(RecordingStore::with(false, false, None));
+    // Never published, never closed: the producer is dead.
+    let cfg = config(dir.path(), 1, Some(Duration::from_millis(100)));
+    let err = run_ranks(&cfg, std::slice::from_ref(&store), ok_train).remove(0).unwrap_err().to_string();
+    assert!(err.contains("timed out") || err.contains("ref-distributor died"), "{err}");
+    assert!(sidecar(dir.path(), ".consumer_failed").is_some());
+    let _ = SingleRank;
+}
