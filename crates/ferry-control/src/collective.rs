@@ -214,14 +214,21 @@ fn write_part(conn: &mut Conn, part: &[u8]) -> std::io::Result<()> {
     conn.write_all(part)
 }
 
+/// Most bytes of a rendezvous hello.
+const MAX_HELLO_BYTES: u32 = 4096;
+
 fn read_part(conn: &mut Conn) -> std::io::Result<Vec<u8>> {
+    read_part_bounded(conn, MAX_PART_BYTES)
+}
+
+fn read_part_bounded(conn: &mut Conn, limit: u32) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     conn.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len);
-    if len > MAX_PART_BYTES {
+    if len > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("a peer announced a {len}-byte collective part (limit {MAX_PART_BYTES})"),
+            format!("a peer announced a {len}-byte collective part (limit {limit})"),
         ));
     }
     let mut part = vec![0u8; len as usize];
@@ -237,6 +244,8 @@ pub struct SocketGroup {
     /// Rank 0: the peers' connections, index `r - 1` for rank `r`. Others: the one to rank 0.
     /// `None` once a round broke the group.
     conns: Mutex<Option<Vec<Conn>>>,
+    /// How long one round may take.
+    timeout: Duration,
 }
 
 /// What a joining rank says first.
@@ -278,9 +287,17 @@ impl SocketGroup {
                         waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                     });
                 };
+                // A stray or malformed connection is skipped, never fatal to the rendezvous.
+                let hello = conn
+                    .set_timeout(Duration::from_secs(5).min(timeout))
+                    .and_then(|()| read_part_bounded(&mut conn, MAX_HELLO_BYTES))
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<Hello>(&bytes).ok());
+                let Some(hello) = hello else {
+                    tracing::warn!("skipped a connection that did not send a collective hello");
+                    continue;
+                };
                 conn.set_timeout(timeout).map_err(|e| io("configuring", e))?;
-                let hello: Hello = serde_json::from_slice(&read_part(&mut conn).map_err(|e| io("reading a hello", e))?)
-                    .map_err(|e| Error::InvalidArgument(format!("collective rendezvous: a bad hello: {e}")))?;
                 let valid = hello.group == group
                     && hello.world == world
                     && (1..world).contains(&hello.rank)
@@ -319,7 +336,7 @@ impl SocketGroup {
             }
             vec![conn]
         };
-        Ok(SocketGroup { rank, world, conns: Mutex::new(Some(conns)) })
+        Ok(SocketGroup { rank, world, conns: Mutex::new(Some(conns)), timeout })
     }
 
     /// A function accepting one connection until a deadline (`None` at the deadline).
@@ -432,6 +449,16 @@ impl Collective for SocketGroup {
             Err(e) => {
                 // Closing our side makes every peer's round fail too, instead of hanging.
                 *guard = None;
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                    return Err(Error::Timeout {
+                        what: format!(
+                            "a collective round on rank {} (a rank did not reach the same optimizer boundary: every \
+                             rank must ack at every boundary; or raise the group timeout)",
+                            self.rank
+                        ),
+                        waited_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
                 Err(Error::io(format!("collective all-gather on rank {}", self.rank), &e))
             }
         }

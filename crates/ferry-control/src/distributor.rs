@@ -113,6 +113,12 @@ struct State {
     requeued: HashSet<SampleId>,
     /// The producer's record of each fresh ref not dispatched yet: forwarded to the inbox as is.
     lines: HashMap<SampleId, Box<str>>,
+    /// Records of the source settled as this attempt reads it from the start: skipped ones
+    /// (trained by an earlier attempt), duplicates, the dropped tail, and acknowledged ones.
+    settled: u64,
+    /// The first error a pump returned: every later pump returns it too, because a pump that
+    /// failed midway left rounds, windows and the staged refs in a state a retry cannot resume.
+    failed: Option<Error>,
     finished: bool,
     stats: DistributorStats,
 }
@@ -203,6 +209,13 @@ impl RefDistributor {
             tracing::warn!(consumed, skip, "repairing the source's consumed counter after a crash");
             source.mark_consumed(skip - consumed)?;
         }
+        if !controller.ledger().retains() {
+            return Err(Error::InvalidArgument(
+                "ref distributor: the controller's ledger retains nothing (no-op), so duplicates cannot be told apart; \
+                 use the SQLite ledger"
+                    .into(),
+            ));
+        }
         let state = State { requeued: o.requeued_ids.clone(), ..State::default() };
         Ok(RefDistributor {
             source,
@@ -237,8 +250,19 @@ impl RefDistributor {
     /// end, which leaves the last windows unsettled in the producer's counter).
     pub fn pump(&self) -> Result<bool> {
         let mut state = lock(&self.state);
+        if let Some(e) = &state.failed {
+            return Err(e.clone());
+        }
+        let result = self.pump_locked(&mut state);
+        if let Err(e) = &result {
+            state.failed = Some(e.clone());
+        }
+        result
+    }
+
+    fn pump_locked(&self, state: &mut State) -> Result<bool> {
         if state.finished {
-            return self.forward_acks(&mut state);
+            return self.forward_acks(state);
         }
         if let Some(reason) = self.source.failure()? {
             return Err(Error::PeerFailed { channel: self.source.describe(), peer: "source producer".into(), reason });
@@ -251,11 +275,11 @@ impl RefDistributor {
             drained = raw.is_empty();
         }
         let mut progress = !raw.is_empty();
-        self.commit(&mut state, raw)?;
-        progress |= self.dispatch(&mut state)?;
-        progress |= self.forward_acks(&mut state)?;
+        self.commit(state, raw)?;
+        progress |= self.dispatch(state)?;
+        progress |= self.forward_acks(state)?;
         if drained {
-            self.finish(&mut state)?;
+            self.finish(state)?;
             progress = true;
         }
         Ok(progress)
@@ -268,15 +292,18 @@ impl RefDistributor {
         }
         let mut candidates = Vec::with_capacity(raw.len());
         let mut lines = Vec::with_capacity(raw.len());
+        let mut skipped = 0u64;
         for (r, line) in raw {
             if self.options.skip_ids.contains(&r.sample_id) {
-                // Trained by a previous attempt, and already settled by it.
+                // Trained by a previous attempt: settled (see `settle`), never dispatched.
                 state.stats.skipped += 1;
+                skipped += 1;
             } else {
                 candidates.push(r);
                 lines.push(line);
             }
         }
+        self.settle(state, skipped)?;
         if candidates.is_empty() {
             return Ok(());
         }
@@ -294,9 +321,7 @@ impl RefDistributor {
                 }
             }
         }
-        if settle > 0 {
-            self.source.mark_consumed(settle)?;
-        }
+        self.settle(state, settle)?;
         Ok(())
     }
 
@@ -353,11 +378,27 @@ impl RefDistributor {
             total += inbox.consumed_remote()?;
         }
         if total > state.forwarded_acks {
-            self.source.mark_consumed(total - state.forwarded_acks)?;
+            let acks = total - state.forwarded_acks;
             state.forwarded_acks = total;
+            self.settle(state, acks)?;
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Settles `n` more records. The counter is derived, not accumulated: an attempt reads the
+    /// channel from its start and counts every record settled so far (skipped, duplicate,
+    /// dropped, acknowledged), and the source's counter is raised to that count, never lowered.
+    /// A resumed attempt therefore neither counts again what an earlier attempt settled (its
+    /// duplicates) nor loses what that attempt settled but did not publish (a crash between an
+    /// ack and its forwarding), and the counter ends at exactly the records published.
+    fn settle(&self, state: &mut State, n: u64) -> Result<()> {
+        state.settled += n;
+        let current = self.source.consumed();
+        if state.settled > current {
+            self.source.mark_consumed(state.settled - current)?;
+        }
+        Ok(())
     }
 
     /// End of stream: drops and settles the short tail, closes the inboxes.
@@ -402,7 +443,7 @@ impl RefDistributor {
                     }
                 }
             }
-            self.source.mark_consumed(leftover.len() as u64)?;
+            self.settle(state, leftover.len() as u64)?;
             if !cleanup_errors.is_empty() {
                 return Err(Error::Protocol {
                     context: "ref distributor".into(),
@@ -498,8 +539,16 @@ impl DistributorThread {
     pub fn stop(mut self) -> Result<()> {
         self.stop.set();
         match self.handle.take() {
-            Some(handle) => handle.join().unwrap_or_else(|_| {
-                Err(Error::Protocol { context: "ref distributor".into(), message: "the thread panicked".into() })
+            Some(handle) => handle.join().unwrap_or_else(|payload| {
+                let why = payload
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| payload.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                Err(Error::Protocol {
+                    context: "ref distributor".into(),
+                    message: format!("the thread panicked: {why}"),
+                })
             }),
             None => Ok(()),
         }

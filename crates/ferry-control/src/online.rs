@@ -82,13 +82,35 @@ pub fn setup_rank0(config: &ConsumerConfig, store: Option<Arc<dyn FeatureStoreAp
             config.dp_size, config.batch_size, config.accumulation
         )));
     }
-    if let Some(store) = &store
-        && !store.health()?.retain_on_release
-    {
+    if let Some(store) = &store {
+        check_retains(store.as_ref())?;
+    }
+    // Every check comes before anything is created or deleted: a refused attempt leaves no
+    // ledger behind and never touches another attempt's inboxes.
+    let source = Arc::new(FileRefChannel::open(&config.channel));
+    let quantum = config.quantum() as u64;
+    match source.consumer_quantum()? {
+        Some(_) if !config.resume => {
+            return Err(Error::InvalidArgument(format!(
+                "{} already holds a consumer quantum; every online attempt requires a fresh reference channel \
+                 (or pass resume to continue the attempt that wrote it)",
+                config.channel.display()
+            )));
+        }
+        Some(q) if q != quantum => {
+            return Err(Error::InvalidArgument(format!(
+                "consumer quantum changed across resume for {}: the channel holds {q}, this attempt needs {quantum} \
+                 (dp_size x batch_size x accumulation must stay the same to resume)",
+                config.channel.display()
+            )));
+        }
+        _ => {}
+    }
+    if config.resume && source.consumer_stopped()? && source.consumer_failure()?.is_none() {
         return Err(Error::InvalidArgument(format!(
-            "online consumer: store {} releases bytes when a read lease ends; open it with retain_on_release: \
-             features are deleted only after an optimizer-boundary durable ack",
-            store.store_id()
+            "the attempt on {} finished (.consumer_done); a finished attempt is never resumed (its dropped tail is \
+             committed but unacknowledged): start a fresh attempt",
+            config.channel.display()
         )));
     }
     let ledger: Arc<dyn Ledger> = Arc::new(if config.resume {
@@ -111,7 +133,6 @@ pub fn setup_rank0(config: &ConsumerConfig, store: Option<Arc<dyn FeatureStoreAp
         Some(rec) => (rec.released.iter().cloned().collect(), rec.requeued.iter().cloned().collect()),
         None => Default::default(),
     };
-    let source = Arc::new(FileRefChannel::open(&config.channel));
     let inboxes: Vec<Arc<dyn RefSink>> =
         file_inboxes(&config.inbox_dir, config.dp_size)?.into_iter().map(|i| i as Arc<dyn RefSink>).collect();
     let options = DistributorOptions {
@@ -122,8 +143,20 @@ pub fn setup_rank0(config: &ConsumerConfig, store: Option<Arc<dyn FeatureStoreAp
         ..DistributorOptions::new(config.dp_size, config.refs_per_rank_step()).with_batch(config.batch_size)
     };
     let distributor = Arc::new(RefDistributor::new(source.clone(), Arc::clone(&controller), inboxes, store, options)?);
-    source.publish_consumer_quantum(config.quantum() as u64, config.resume)?;
+    source.publish_consumer_quantum(quantum, config.resume)?;
     Ok(Rank0 { controller, distributor, reconciliation })
+}
+
+/// An online consumer's store must keep bytes until the durable ack deletes them.
+fn check_retains(store: &dyn FeatureStoreApi) -> Result<()> {
+    if store.health()?.retain_on_release {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "online consumer: store {} releases bytes when a read lease ends; open it with retain_on_release: features \
+         are deleted only after an optimizer-boundary durable ack",
+        store.store_id()
+    )))
 }
 
 /// A resumed ledger must be at an optimizer-durable step equal to the checkpoint's (a ledger
@@ -177,6 +210,17 @@ impl RankStream {
         store: Option<Arc<dyn FeatureStoreApi>>,
     ) -> Result<RankStream> {
         let rank = collective.rank();
+        if collective.world_size() != config.dp_size || rank >= config.dp_size {
+            return Err(Error::InvalidArgument(format!(
+                "online consumer: rank {rank} of a world of {} but dp_size is {}; every data-parallel rank reads one \
+                 inbox, so the world size must equal dp_size",
+                collective.world_size(),
+                config.dp_size
+            )));
+        }
+        if let Some(store) = &store {
+            check_retains(store.as_ref())?;
+        }
         let controller = match rank0_controller {
             Some(c) if rank == 0 => c,
             Some(_) => {
@@ -287,9 +331,20 @@ pub fn agree_on_rank0_setup(
 /// Writes `.consumer_failed` with `"<Type>: <message>"`; a failure to write it is logged (the
 /// primary error is what the caller returns).
 fn publish_consumer_failure(config: &ConsumerConfig, error: &Error) {
+    publish_consumer_failure_text(config, &error.python_reason());
+}
+
+/// Writes `.consumer_failed` unless a failure is already published: the first failure (the
+/// root cause) wins over the ones it causes on other ranks.
+fn publish_consumer_failure_text(config: &ConsumerConfig, text: &str) {
     let channel = FileRefChannel::open(&config.channel);
-    if let Err(e) = channel.mark_consumer_failed(&error.python_reason()) {
-        tracing::error!(channel = %config.channel.display(), error = %e, "could not publish the consumer failure");
+    match channel.consumer_failure() {
+        Ok(Some(first)) => tracing::warn!(first = %first, later = %text, "a consumer failure is already published"),
+        _ => {
+            if let Err(e) = channel.mark_consumer_failed(text) {
+                tracing::error!(channel = %config.channel.display(), error = %e, "could not publish the consumer failure");
+            }
+        }
     }
 }
 
@@ -356,7 +411,9 @@ pub fn run_rank(
                 }
                 return Err(error);
             }
-            if rank == 0 {
+            if let Some(rank0) = rank0 {
+                // The ranks' last acknowledgements reach the producer's counter before `done`.
+                rank0.distributor.pump()?;
                 FileRefChannel::open(&config.channel).mark_consumer_done()?;
             }
             Ok(report)
@@ -369,9 +426,7 @@ pub fn run_rank(
                 tracing::error!(rank, error = %e, "store drain failed after a consumer failure");
                 text.push_str(&format!("; store drain also failed: {}", e.python_reason()));
             }
-            if let Err(e) = FileRefChannel::open(&config.channel).mark_consumer_failed(&text) {
-                tracing::error!(error = %e, "could not publish the consumer failure");
-            }
+            publish_consumer_failure_text(config, &text);
             Err(primary)
         }
     }

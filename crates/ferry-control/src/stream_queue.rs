@@ -197,6 +197,17 @@ impl RefQueue for StreamingRefQueue {
         }
         {
             let mut state = lock(&self.state);
+            // Only refs this queue leased: settling or re-buffering anything else would count a
+            // record twice or train a sample twice.
+            let leased: std::collections::HashSet<&SampleId> = state.in_flight.iter().collect();
+            let unknown: Vec<&str> =
+                refs.iter().filter(|r| !leased.contains(&r.sample_id)).map(|r| r.sample_id.as_str()).collect();
+            if !unknown.is_empty() {
+                return Err(Error::Protocol {
+                    context: format!("StreamingRefQueue {}", self.source.describe()),
+                    message: format!("fail of refs that are not in flight: {unknown:?}"),
+                });
+            }
             let failed: std::collections::HashSet<&SampleId> = refs.iter().map(|r| &r.sample_id).collect();
             state.in_flight.retain(|id| !failed.contains(id));
             if retryable {

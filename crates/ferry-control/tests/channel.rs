@@ -697,3 +697,44 @@ fn a_ferry_distributor_consumes_specforge_bytes_another_process_is_appending() {
     distributor.pump().unwrap();
     assert_eq!(source.consumed_remote().unwrap(), records, "every record settled exactly once");
 }
+
+#[test]
+fn failing_refs_that_are_not_in_flight_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let producer = FileRefChannel::open(channel_in(&dir));
+    producer.publish_batch(&[sref("s0"), sref("s1")]).unwrap();
+    let clock = ManualClock::new();
+    let queue = queue_over(&channel_in(&dir), &clock, None);
+    let got = queue.get(1, None).unwrap();
+    queue.fail(&got, "x", false).unwrap();
+    assert_eq!(producer.consumed_remote().unwrap(), 1);
+    // Twice, or a ref never leased: an error, and neither the counter nor the buffer moves.
+    for bad in [got.clone(), vec![sref("never")]] {
+        for retryable in [false, true] {
+            let err = queue.fail(&bad, "x", retryable).unwrap_err();
+            assert!(err.to_string().contains("not in flight"), "{err}");
+        }
+    }
+    assert_eq!(producer.consumed_remote().unwrap(), 1);
+    assert_eq!(queue.depth(), 1, "only s1 is buffered");
+}
+
+#[test]
+fn a_reader_whose_channel_was_replaced_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = channel_in(&dir);
+    let producer = FileRefChannel::open(&path);
+    producer.publish(&sref("s0")).unwrap();
+    let reader = FileRefChannel::open(&path);
+    assert_eq!(reader.poll(None).unwrap().len(), 1);
+    producer.remove_files().unwrap();
+    let err = reader.poll(None).unwrap_err();
+    assert!(err.to_string().contains("was deleted"), "{err}");
+    let reader = FileRefChannel::open(&path);
+    FileRefChannel::open(&path).publish(&sref("s1")).unwrap();
+    assert_eq!(reader.poll(None).unwrap().len(), 1);
+    std::fs::remove_file(&path).unwrap();
+    FileRefChannel::open(&path).publish(&sref("s2")).unwrap();
+    let err = reader.poll(None).unwrap_err();
+    assert!(err.to_string().contains("was replaced"), "{err}");
+}

@@ -7,7 +7,7 @@
 mod common;
 
 use common::RecordingStore;
-use ferry_control::channel::{FileRefChannel, RefSink};
+use ferry_control::channel::{FileRefChannel, RefSink, RefSource};
 use ferry_control::collective::{Collective, LocalGroup, SingleRank};
 use ferry_control::ledger::{Ledger, SqliteLedger};
 use ferry_control::online::{ConsumerConfig, RankReport, agree_on_rank0_setup, run_rank};
@@ -93,6 +93,8 @@ fn a_successful_run_drains_every_rank_once_then_signals_done() {
     assert_eq!(sidecar(dir.path(), ".consumer_done").as_deref(), Some(""));
     assert!(sidecar(dir.path(), ".consumer_failed").is_none());
     assert_eq!(store.health().unwrap().resident_samples, 0, "every feature deleted at its durable ack");
+    let counter = FileRefChannel::open(dir.path().join("control/refs.jsonl")).consumed_remote().unwrap();
+    assert_eq!(counter, 8, "the last acknowledgements reached the producer before done");
 }
 
 #[test]
@@ -172,4 +174,39 @@ fn the_idle_timeout_reaches_the_distributor_and_the_queues() {
     assert!(err.contains("timed out") || err.contains("ref-distributor died"), "{err}");
     assert!(sidecar(dir.path(), ".consumer_failed").is_some());
     let _ = SingleRank;
+}
+
+#[test]
+fn a_rank_outside_dp_size_or_a_store_that_frees_on_release_is_refused() {
+    use ferry_control::online::RankStream;
+    let dir = tempfile::tempdir().unwrap();
+    let groups = LocalGroup::new(3, Duration::from_secs(1));
+    let err = RankStream::new(&config(dir.path(), 2, None), Arc::new(groups[2].clone()), None, None).unwrap_err();
+    assert!(err.to_string().contains("world size must equal dp_size"), "{err}");
+    let groups = LocalGroup::new(2, Duration::from_secs(1));
+    let frees: Arc<dyn FeatureStoreApi> =
+        Arc::new(ferry_store::open_store("mem://frees", ferry_store::StoreOptions::default()).unwrap());
+    let err =
+        RankStream::new(&config(dir.path(), 2, None), Arc::new(groups[1].clone()), None, Some(frees)).unwrap_err();
+    assert!(err.to_string().contains("retain_on_release"), "{err}");
+}
+
+#[test]
+fn a_finished_attempt_is_never_resumed_and_the_first_failure_stays_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RecordingStore::with(false, false, None));
+    produce(dir.path(), &store, 2);
+    run_ranks(&config(dir.path(), 1, None), std::slice::from_ref(&store), ok_train).remove(0).unwrap();
+    let resume = ConsumerConfig { resume: true, checkpoint_step: 1, ..config(dir.path(), 1, None) };
+    let err = ferry_control::online::setup_rank0(&resume, None).unwrap_err().to_string();
+    assert!(err.contains("never resumed"), "{err}");
+
+    // Two failures: the first one published stays.
+    let dir = tempfile::tempdir().unwrap();
+    produce(dir.path(), &store, 2);
+    FileRefChannel::open(dir.path().join("control/refs.jsonl"))
+        .mark_consumer_failed("RuntimeError: root cause")
+        .unwrap();
+    let _ = run_ranks(&config(dir.path(), 1, None), std::slice::from_ref(&store), failing_train);
+    assert_eq!(sidecar(dir.path(), ".consumer_failed").as_deref(), Some("RuntimeError: root cause"));
 }

@@ -183,6 +183,12 @@ fn attempt(dir: &Path, (dp, batch): (usize, usize), crash: Option<&str>) -> Stri
 
 /// The producer: `SAMPLES` samples in the store and the channel, then a clean end of stream.
 fn produce(dir: &Path) -> BTreeSet<String> {
+    produce_with_duplicates(dir, 0)
+}
+
+/// [`produce`], publishing the first `duplicates` refs a second time (an at-least-once
+/// producer's retries) right after the originals.
+fn produce_with_duplicates(dir: &Path, duplicates: usize) -> BTreeSet<String> {
     let store = store_at(dir);
     let channel = FileRefChannel::open(dir.join("control/refs.jsonl"));
     std::fs::create_dir_all(dir.join("control")).unwrap();
@@ -193,6 +199,9 @@ fn produce(dir: &Path) -> BTreeSet<String> {
         let r =
             store.put(&sid, &[("input_ids", TensorView::from_elements(&[8], &data).unwrap())], JsonMap::new()).unwrap();
         channel.publish(&r).unwrap();
+        if i < duplicates {
+            channel.publish(&r).unwrap();
+        }
         ids.insert(sid);
     }
     channel.close().unwrap();
@@ -218,9 +227,17 @@ fn dispatched(dir: &Path, dp: usize) -> BTreeSet<String> {
 /// exactly-once outcome and returns how many samples each attempt dispatched and how many were
 /// durably acknowledged after it.
 fn crash_and_recover(attempts: &[((usize, usize), Option<&str>)]) -> Vec<(usize, usize)> {
+    crash_and_recover_with_duplicates(attempts, 0)
+}
+
+/// [`crash_and_recover`] with the first `duplicates` refs published twice.
+fn crash_and_recover_with_duplicates(
+    attempts: &[((usize, usize), Option<&str>)],
+    duplicates: usize,
+) -> Vec<(usize, usize)> {
     let mut trace = Vec::new();
     let dir = tempfile::tempdir().unwrap();
-    let published = produce(dir.path());
+    let published = produce_with_duplicates(dir.path(), duplicates);
     let mut durable_before = BTreeSet::new();
     for (i, (shape, crash)) in attempts.iter().enumerate() {
         let outcome = attempt(dir.path(), *shape, *crash);
@@ -237,7 +254,7 @@ fn crash_and_recover(attempts: &[((usize, usize), Option<&str>)]) -> Vec<(usize,
     }
     assert_eq!(durable_before, published, "every sample durably acknowledged, none lost");
     let channel = FileRefChannel::open(dir.path().join("control/refs.jsonl"));
-    assert_eq!(channel.consumed_remote().unwrap(), SAMPLES as u64, "each ref settled exactly once");
+    assert_eq!(channel.consumed_remote().unwrap(), (SAMPLES + duplicates) as u64, "each record settled exactly once");
     assert!(channel.consumer_stopped().unwrap());
     let store = store_at(dir.path());
     // The store keeps a directory per store id and its generation counter; no sample file may
@@ -313,4 +330,13 @@ fn a_durable_ack_newer_than_the_checkpoint_makes_the_attempt_refuse_to_resume() 
     assert_eq!(attempt(dir.path(), (2, 2), Some("unsaved:2")), "stopped");
     let outcome = attempt(dir.path(), (2, 2), None);
     assert!(outcome.starts_with("refused") && outcome.contains("ahead of checkpoint step 1"), "{outcome}");
+}
+
+#[test]
+fn duplicate_records_replayed_by_a_resume_never_push_the_counter_past_what_was_published() {
+    // An at-least-once producer published 5 refs twice: the first attempt settles those
+    // duplicates, and the resumed one reads them again.
+    for crash in ["before:2", "after:2", "during:3"] {
+        crash_and_recover_with_duplicates(&[((2, 2), Some(crash)), ((2, 2), None)], 5);
+    }
 }

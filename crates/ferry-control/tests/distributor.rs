@@ -329,9 +329,14 @@ fn a_failed_ledger_transaction_commits_nothing_of_the_poll() {
         )
         .unwrap();
     w.publish(&["s0", "s1", "s2", "s3"]);
-    assert!(d.pump().is_err());
+    let err = d.pump().unwrap_err();
     assert_eq!(ledger.committed_count().unwrap(), 0, "the whole poll rolled back");
     assert!(w.read(0).is_empty());
+    // The polled refs are neither committed nor dispatched: a later pump must not carry on as
+    // if they never existed. It repeats the error instead.
+    poison.execute_batch("DROP TRIGGER poison").unwrap();
+    assert_eq!(d.pump().unwrap_err(), err);
+    assert!(!d.finished());
 }
 
 /// A source that publishes one more ref and closes the channel the first time it is asked
@@ -700,4 +705,15 @@ fn construction_rejects_bad_shapes() {
     ));
     let err = RefDistributor::new(w.source(), no_queue, inboxes(1), None, DistributorOptions::new(1, 1)).unwrap_err();
     assert!(err.to_string().contains("staging queue"), "{err}");
+}
+
+#[test]
+fn a_no_op_ledger_is_refused_because_duplicates_could_not_be_told_apart() {
+    let w = World::new(false);
+    let controller =
+        Arc::new(DataFlowController::new(ControllerOptions::new("run0"), Arc::new(ferry_control::ledger::NoOpLedger)));
+    let inboxes: Vec<Arc<dyn RefSink>> =
+        file_inboxes(&w.inbox_dir(), 1).unwrap().into_iter().map(|i| i as Arc<dyn RefSink>).collect();
+    let err = RefDistributor::new(w.source(), controller, inboxes, None, DistributorOptions::new(1, 1)).unwrap_err();
+    assert!(err.to_string().contains("retains nothing"), "{err}");
 }

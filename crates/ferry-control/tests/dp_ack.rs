@@ -335,3 +335,30 @@ fn a_rank_of_another_group_is_refused_at_rendezvous() {
     assert!(matches!(err, Error::Timeout { .. }), "rank 0 keeps waiting for its own rank 1: {err}");
     assert!(GroupAddress::parse("http://x").is_err());
 }
+
+#[test]
+fn a_stray_connection_does_not_break_the_rendezvous() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dp.sock");
+    let addr = GroupAddress::parse(&format!("unix://{}", path.display())).unwrap();
+    let rank0 = {
+        let addr = addr.clone();
+        std::thread::spawn(move || SocketGroup::rendezvous(&addr, "job", 0, 2, TIMEOUT))
+    };
+    // A port scanner: connects, sends garbage, and a huge announced length.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut stray = loop {
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    stray.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    let rank1 = SocketGroup::rendezvous(&addr, "job", 1, 2, TIMEOUT).unwrap();
+    let rank0 = rank0.join().unwrap().unwrap();
+    let t = std::thread::spawn(move || rank1.all_gather(b"b".to_vec()).unwrap());
+    assert_eq!(rank0.all_gather(b"a".to_vec()).unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+    assert_eq!(t.join().unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+}

@@ -17,7 +17,7 @@ use ferry_core::json::{JsonStyle, sample_ref_from_str, sample_ref_to_string};
 use ferry_core::{Error, Result, SampleRef};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -29,6 +29,15 @@ pub enum ChannelRole {
     Channel,
     /// `inbox-rank<r>.jsonl`, written by the distributor.
     Inbox,
+}
+
+/// What tells one channel file from another at the same path: inode numbers are reused at
+/// once on many filesystems, so the birth time (where the filesystem records one) joins them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    born: Option<std::time::SystemTime>,
 }
 
 /// SpecForge's prefix of an inbox failure.
@@ -56,10 +65,14 @@ struct Writer {
 
 #[derive(Debug, Default)]
 struct Reader {
-    /// The channel file, once it exists: kept open so an idle poll costs one `pread`. A reader
-    /// follows the file it opened (an inbox recreated by a new distributor needs a new reader,
-    /// as in SpecForge, where each attempt is a new process).
+    /// The channel file while records are flowing. A read that finds nothing new closes it, so
+    /// the next poll opens it again: on NFS an open revalidates the file (close-to-open
+    /// consistency), where a descriptor kept open could miss appends until its attribute cache
+    /// expires. SpecForge opens the file on every poll.
     file: Option<File>,
+    /// The (device, inode) of the file this reader follows: a channel replaced under a reader
+    /// (an inbox recreated by a new distributor) is an error, never a silent restart.
+    identity: Option<FileIdentity>,
     /// A reused read buffer.
     scratch: Vec<u8>,
     /// Bytes of the file consumed into `partial` / `lines`.
@@ -199,23 +212,34 @@ impl FileRefChannel {
     fn read_new(&self, reader: &mut Reader) -> Result<()> {
         const CHUNK: usize = 256 << 10;
         if reader.file.is_none() {
-            match File::open(&self.path) {
-                Ok(f) => reader.file = Some(f),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            let file = match File::open(&self.path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && reader.identity.is_none() => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(self.replaced("was deleted")),
                 Err(e) => return Err(Error::io(format!("opening ref channel {}", self.path.display()), &e)),
+            };
+            let meta =
+                file.metadata().map_err(|e| Error::io(format!("reading ref channel {}", self.path.display()), &e))?;
+            let identity = FileIdentity { dev: meta.dev(), ino: meta.ino(), born: meta.created().ok() };
+            // A new inode, or (inode numbers are reused) a file shorter than what was read.
+            if reader.identity.is_some_and(|known| known != identity) || meta.len() < reader.offset {
+                return Err(self.replaced("was replaced by another file"));
             }
+            reader.identity = Some(identity);
+            reader.file = Some(file);
         }
         if reader.scratch.len() < CHUNK {
             reader.scratch = vec![0u8; CHUNK];
         }
         loop {
-            let Reader { file: Some(file), scratch, offset, partial, lines } = &mut *reader else { return Ok(()) };
+            let Reader { file: Some(file), scratch, offset, partial, lines, .. } = &mut *reader else { return Ok(()) };
             let n = match file.read_at(scratch, *offset) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::io(format!("reading ref channel {}", self.path.display()), &e)),
             };
             if n == 0 {
+                reader.file = None;
                 return Ok(());
             }
             // The file offset of the first byte of `partial`.
@@ -237,6 +261,16 @@ impl FileRefChannel {
                 rest = &rest[end + 1..];
             }
             partial.extend_from_slice(rest);
+        }
+    }
+
+    fn replaced(&self, what: &str) -> Error {
+        Error::Protocol {
+            context: format!("ref channel {}", self.path.display()),
+            message: format!(
+                "the file this reader was following {what}; a new attempt recreated it, so this reader belongs to an \
+                 attempt that has ended (open a new reader)"
+            ),
         }
     }
 
@@ -400,7 +434,7 @@ impl RefSource for FileRefChannel {
 
     fn seed_consumed(&self) -> Result<u64> {
         let mut consumed = lock(&self.consumed);
-        *consumed = sidecar::read_counter(&self.path)?;
+        *consumed = sidecar::read_counter_strict(&self.path)?;
         Ok(*consumed)
     }
 

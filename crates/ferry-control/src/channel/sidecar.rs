@@ -70,6 +70,21 @@ pub fn read_counter(path: &Path) -> Result<u64> {
     }
 }
 
+/// The counter for seeding a restarted consumer: missing or empty is 0, anything else must be
+/// a number (a restart must never rewind the counter because a read went wrong).
+pub fn read_counter_strict(path: &Path) -> Result<u64> {
+    let target = sidecar(path, CONSUMED_COUNT);
+    match std::fs::read_to_string(&target) {
+        Ok(text) if text.trim().is_empty() => Ok(0),
+        Ok(text) => text.trim().parse().map_err(|_| Error::Corrupt {
+            what: target.display().to_string(),
+            message: format!("consumed counter {:?} is not a number; fix or remove it before resuming", text.trim()),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io(format!("reading {}", target.display()), &e)),
+    }
+}
+
 /// Publishes the counter's absolute value through
 /// `<path>.consumed_count.tmp.<pid>.<thread>` and a rename (no fsync, as SpecForge: the
 /// counter is advisory backpressure, and a restart re-derives it from the ledger).
