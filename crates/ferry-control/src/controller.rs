@@ -12,6 +12,7 @@
 
 use crate::ledger::{DurableMarker, Ledger};
 use crate::queue::RefQueue;
+use crate::record::RefRecord;
 use crate::ref_queue::SampleRefQueue;
 use ferry_core::{Error, JsonMap, PromptTask, Result, SampleId, SampleRef};
 use ferry_store::FeatureStoreApi;
@@ -327,6 +328,38 @@ impl DataFlowController {
         if let Some(queue) = &self.queue {
             queue.put(refs.into_iter().zip(&flags).filter(|(_, fresh)| **fresh).map(|(r, _)| r));
         }
+        Ok(flags)
+    }
+
+    /// [`DataFlowController::commit_owned`] for channel records: the ledger stores each
+    /// record's spaced JSON and the fresh records are staged as they are; no ref is built (the
+    /// distributor's path).
+    pub fn commit_records(&self, worker: &str, records: Vec<RefRecord>) -> Result<Vec<bool>> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = records.iter().map(|r| Ok((r.sample_id.clone(), r.spaced_json()?))).collect::<Result<Vec<_>>>()?;
+        let flags = self.ledger.commit_records(&rows)?;
+        if flags.len() != records.len() {
+            return Err(Error::Protocol {
+                context: format!("controller {}", self.options.run_id),
+                message: format!("the ledger returned {} freshness flags for {} records", flags.len(), records.len()),
+            });
+        }
+        {
+            let mut state = self.lock();
+            for (r, _) in records.iter().zip(&flags).filter(|(_, f)| **f) {
+                if let Some(task) = &r.source_task_id {
+                    state.leased.remove(task);
+                    state.pending.shift_remove(task);
+                    state.tasks.remove(task);
+                }
+            }
+        }
+        if let Some(queue) = &self.queue {
+            queue.put_records(records.into_iter().zip(&flags).filter(|(_, fresh)| **fresh).map(|(r, _)| r));
+        }
+        tracing::debug!(worker, committed = flags.len(), "records committed");
         Ok(flags)
     }
 

@@ -3,7 +3,8 @@
 //! drops samples a previous attempt already trained (`skip`), commits the rest through the
 //! controller's ledger in one transaction (duplicates are settled at once and never reach an
 //! inbox), and dispatches whole optimizer windows round-robin into one inbox per rank (one
-//! append and one fsync per rank per pump), so every
+//! append per rank per pump; inboxes are not fsynced, being rebuilt from the ledger after a
+//! crash), so every
 //! rank gets exactly `batch` refs per round and `batch x accumulation` per window and the ranks
 //! stay in lockstep. It forwards the ranks' acknowledgements to the source's consumed counter
 //! (dispatch alone never counts as consumed). At end of stream, fewer than one window's worth of
@@ -14,13 +15,13 @@ use crate::channel::file::FileRefChannel;
 use crate::channel::{RefSink, RefSource};
 use crate::controller::DataFlowController;
 use crate::queue::RefQueue;
+use crate::record::RefRecord;
 use crate::ref_queue::SampleRefQueue;
 use crate::signal::StopSignal;
-use ferry_core::json::{JsonStyle, sample_ref_to_string};
-use ferry_core::{Error, Result, SampleId, SampleRef};
+use ferry_core::{Error, Result, SampleId};
 use ferry_store::{Clock, FeatureStoreApi, SystemClock};
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -105,14 +106,12 @@ pub struct DistributorStats {
 #[derive(Debug, Default)]
 struct State {
     /// The micro-batch round being filled.
-    round: Vec<SampleRef>,
+    round: Vec<RefRecord>,
     /// Refs of the open window already dispatched (0: no window open).
     window_dispatched: usize,
     /// The sum of the inboxes' consumed counters already forwarded to the source.
     forwarded_acks: u64,
     requeued: HashSet<SampleId>,
-    /// The producer's record of each fresh ref not dispatched yet: forwarded to the inbox as is.
-    lines: HashMap<SampleId, Box<str>>,
     /// Records of the source settled as this attempt reads it from the start: skipped ones
     /// (trained by an earlier attempt), duplicates, the dropped tail, and acknowledged ones.
     settled: u64,
@@ -147,12 +146,13 @@ impl std::fmt::Debug for RefDistributor {
 }
 
 /// Deletes any previous attempt's inbox files in `inbox_dir` (inboxes are ephemeral; the
-/// ledger is durable) and opens one inbox writer per rank.
+/// ledger is durable) and opens one inbox writer per rank, without fsync on its appends.
 pub fn file_inboxes(inbox_dir: &Path, dp_size: usize) -> Result<Vec<Arc<FileRefChannel>>> {
     std::fs::create_dir_all(inbox_dir).map_err(|e| Error::io(format!("creating {}", inbox_dir.display()), &e))?;
     (0..dp_size)
         .map(|rank| {
-            let inbox = FileRefChannel::inbox(inbox_dir, rank);
+            // Ephemeral: recreated from the ledger after any crash, so not fsynced.
+            let inbox = FileRefChannel::inbox(inbox_dir, rank).with_sync(false);
             inbox.remove_files()?;
             Ok(Arc::new(inbox))
         })
@@ -267,11 +267,11 @@ impl RefDistributor {
         if let Some(reason) = self.source.failure()? {
             return Err(Error::PeerFailed { channel: self.source.describe(), peer: "source producer".into(), reason });
         }
-        let mut raw = self.source.poll_lines(Some(MAX_REFS_PER_PUMP))?;
+        let mut raw = self.source.poll_records(Some(MAX_REFS_PER_PUMP))?;
         let mut drained = false;
         if raw.is_empty() && self.source.is_closed()? {
             // A final ref may land between the empty poll and the close check.
-            raw = self.source.poll_lines(Some(MAX_REFS_PER_PUMP))?;
+            raw = self.source.poll_records(Some(MAX_REFS_PER_PUMP))?;
             drained = raw.is_empty();
         }
         let mut progress = !raw.is_empty();
@@ -285,22 +285,21 @@ impl RefDistributor {
         Ok(progress)
     }
 
-    /// Skips, commits (one ledger transaction) and settles duplicates at once.
-    fn commit(&self, state: &mut State, raw: Vec<(SampleRef, Box<str>)>) -> Result<()> {
+    /// Skips, commits (one ledger transaction) and settles duplicates at once. Records are
+    /// committed and staged as records: no ref is built on this path.
+    fn commit(&self, state: &mut State, raw: Vec<RefRecord>) -> Result<()> {
         if raw.is_empty() {
             return Ok(());
         }
         let mut candidates = Vec::with_capacity(raw.len());
-        let mut lines = Vec::with_capacity(raw.len());
         let mut skipped = 0u64;
-        for (r, line) in raw {
+        for r in raw {
             if self.options.skip_ids.contains(&r.sample_id) {
                 // Trained by a previous attempt: settled (see `settle`), never dispatched.
                 state.stats.skipped += 1;
                 skipped += 1;
             } else {
                 candidates.push(r);
-                lines.push(line);
             }
         }
         self.settle(state, skipped)?;
@@ -308,12 +307,10 @@ impl RefDistributor {
             return Ok(());
         }
         let ids: Vec<SampleId> = candidates.iter().map(|r| r.sample_id.clone()).collect();
-        let flags = self.controller.commit_owned(&self.options.worker_id, candidates)?;
+        let flags = self.controller.commit_records(&self.options.worker_id, candidates)?;
         let mut settle = 0u64;
-        for ((id, fresh), line) in ids.iter().zip(flags).zip(lines) {
-            if fresh {
-                state.lines.insert(id.clone(), line);
-            } else {
+        for (id, fresh) in ids.iter().zip(flags) {
+            if !fresh {
                 state.stats.duplicates += 1;
                 // Reconciliation already staged it: its replayed record is not a new one.
                 if !state.requeued.remove(id) {
@@ -340,19 +337,14 @@ impl RefDistributor {
             }
             let missing = self.round_quantum - state.round.len();
             if missing > 0 {
-                state.round.extend(self.queue.get(missing, None)?);
+                state.round.extend(self.queue.get_records(missing)?);
             }
             if state.round.len() < self.round_quantum {
                 break;
             }
-            let round = std::mem::take(&mut state.round);
-            for (i, r) in round.into_iter().enumerate() {
-                // The producer's own record, or (a ref reconciliation staged again) a new one.
-                let line = match state.lines.remove(&r.sample_id) {
-                    Some(line) => line,
-                    None => sample_ref_to_string(&r, JsonStyle::Compact)?.into_boxed_str(),
-                };
-                per_rank[i % dp].push(line);
+            // The producer's own record goes to the inbox as written.
+            for (i, r) in std::mem::take(&mut state.round).into_iter().enumerate() {
+                per_rank[i % dp].push(r.line);
             }
             dispatched += self.round_quantum;
             state.window_dispatched += self.round_quantum;
@@ -414,7 +406,7 @@ impl RefDistributor {
         }
         let mut leftover = std::mem::take(&mut state.round);
         loop {
-            let more = self.queue.get(self.dispatch_quantum, None)?;
+            let more = self.queue.get_records(self.dispatch_quantum)?;
             if more.is_empty() {
                 break;
             }
@@ -431,14 +423,12 @@ impl RefDistributor {
                 o.refs_per_rank_step
             );
             state.stats.dropped += leftover.len() as u64;
-            for r in &leftover {
-                state.lines.remove(&r.sample_id);
-            }
-            self.queue.fail(&leftover, &reason, false)?;
+            let ids: Vec<SampleId> = leftover.iter().map(|r| r.sample_id.clone()).collect();
+            self.queue.fail_ids(&ids, &reason);
             let mut cleanup_errors = Vec::new();
             if let Some(store) = &self.store {
                 for r in &leftover {
-                    if let Err(e) = store.adopt(r).and_then(|()| store.abort(&r.sample_id)) {
+                    if let Err(e) = r.to_ref().and_then(|r| store.adopt(&r)).and_then(|()| store.abort(&r.sample_id)) {
                         cleanup_errors.push(format!("{}: {e}", r.sample_id));
                     }
                 }

@@ -18,6 +18,8 @@
 //! * [`online`] — the online consumer's assembly: rank 0's setup and resume checks, each rank's
 //!   stream of optimizer steps ending in the durable acknowledgement.
 //! * [`queue`] — [`queue::RefQueue`], the consume-once queue protocol the loader reads.
+//! * [`record`] — [`record::RefRecord`], a ref as its channel record (id + text), for the
+//!   distributor's path.
 //! * [`ref_queue`] — [`ref_queue::SampleRefQueue`], the in-process staging queue.
 //! * [`stream_queue`] — [`stream_queue::StreamingRefQueue`], a channel as a [`queue::RefQueue`].
 //! * [`ledger`] — the metadata stores (no-op, in-memory, SQLite): commits, acks, the durable marker.
@@ -40,6 +42,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod online;
 pub mod queue;
+pub mod record;
 pub mod ref_queue;
 pub mod sentinel;
 pub mod signal;

@@ -15,27 +15,50 @@
 //!   queue's.
 
 use crate::queue::RefQueue;
+use crate::record::RefRecord;
 use ferry_core::{Result, SampleId, SampleRef};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// A staged ref: built, or still the channel record the distributor committed (it is read in
+/// full only if someone asks for the ref).
+#[derive(Debug)]
+enum Staged {
+    Ref(Box<SampleRef>),
+    Record(RefRecord),
+}
+
+impl Staged {
+    fn id(&self) -> &SampleId {
+        match self {
+            Staged::Ref(r) => &r.sample_id,
+            Staged::Record(r) => &r.sample_id,
+        }
+    }
+}
+
 /// Pending refs in FIFO order, with their ids for the duplicate check.
 #[derive(Debug, Default)]
 struct Pending {
-    refs: VecDeque<SampleRef>,
+    refs: VecDeque<Staged>,
     ids: HashSet<SampleId>,
 }
 
 impl Pending {
-    fn push_back(&mut self, r: SampleRef) {
-        self.ids.insert(r.sample_id.clone());
+    fn push_back(&mut self, r: Staged) {
+        self.ids.insert(r.id().clone());
         self.refs.push_back(r);
     }
 
-    fn pop_front(&mut self) -> Option<SampleRef> {
+    fn push_front(&mut self, r: Staged) {
+        self.ids.insert(r.id().clone());
+        self.refs.push_front(r);
+    }
+
+    fn pop_front(&mut self) -> Option<Staged> {
         let r = self.refs.pop_front()?;
-        self.ids.remove(&r.sample_id);
+        self.ids.remove(r.id());
         Some(r)
     }
 }
@@ -108,20 +131,62 @@ impl SampleRefQueue {
     /// `get`s. Returns how many were accepted (a repeated id, also within `refs`, is skipped).
     /// SpecForge guards each ref against carrying tensors; a [`SampleRef`] cannot hold one.
     pub fn put(&self, refs: impl IntoIterator<Item = SampleRef>) -> usize {
+        self.stage(refs.into_iter().map(|r| Staged::Ref(Box::new(r))))
+    }
+
+    /// [`SampleRefQueue::put`] for channel records (the distributor's path: the refs are not
+    /// built unless [`RefQueue::get`] asks for them).
+    pub fn put_records(&self, records: impl IntoIterator<Item = RefRecord>) -> usize {
+        self.stage(records.into_iter().map(Staged::Record))
+    }
+
+    fn stage(&self, items: impl Iterator<Item = Staged>) -> usize {
         let mut state = self.lock();
         let mut accepted = 0;
-        for r in refs {
-            if state.pending.ids.contains(&r.sample_id) || state.leased.contains(&r.sample_id) {
-                tracing::debug!(sample = %r.sample_id, "staging queue skipped a ref already pending or leased");
+        for item in items {
+            if state.pending.ids.contains(item.id()) || state.leased.contains(item.id()) {
+                tracing::debug!(sample = %item.id(), "staging queue skipped a ref already pending or leased");
                 continue;
             }
-            state.pending.push_back(r);
+            state.pending.push_back(item);
             accepted += 1;
         }
         if accepted > 0 {
             self.refs_added.notify_all();
         }
         accepted
+    }
+
+    /// Leases up to `max` pending refs as channel records, oldest first, without waiting (the
+    /// distributor's path; refs staged as refs are serialized).
+    pub fn get_records(&self, max: usize) -> Result<Vec<RefRecord>> {
+        let mut state = self.lock();
+        let mut out = Vec::with_capacity(max.min(state.pending.refs.len()));
+        while out.len() < max {
+            let Some(item) = state.pending.pop_front() else { break };
+            let record = match item {
+                Staged::Record(record) => record,
+                Staged::Ref(r) => match RefRecord::from_ref(&r) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        state.pending.push_front(Staged::Ref(r));
+                        return if out.is_empty() { Err(e) } else { Ok(out) };
+                    }
+                },
+            };
+            state.leased.insert(record.sample_id.clone());
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Settles leased ids terminally (the refs are gone); ids not leased are ignored.
+    pub fn fail_ids(&self, ids: &[SampleId], reason: &str) {
+        let mut state = self.lock();
+        for id in ids {
+            state.leased.remove(id);
+        }
+        tracing::debug!(refs = ids.len(), reason, "staging queue dropped refs");
     }
 
     /// Refs leased and not yet acked or failed (SpecForge's `in_flight()`).
@@ -131,7 +196,7 @@ impl SampleRefQueue {
 
     /// Ids waiting to be leased, oldest first.
     pub fn pending_ids(&self) -> Vec<SampleId> {
-        self.lock().pending.refs.iter().map(|r| r.sample_id.clone()).collect()
+        self.lock().pending.refs.iter().map(|r| r.id().clone()).collect()
     }
 }
 
@@ -156,7 +221,17 @@ impl RefQueue for SampleRefQueue {
         }
         let mut leased = Vec::with_capacity(max.min(state.pending.refs.len()));
         while leased.len() < max {
-            let Some(r) = state.pending.pop_front() else { break };
+            let Some(item) = state.pending.pop_front() else { break };
+            let r = match item {
+                Staged::Ref(r) => *r,
+                Staged::Record(record) => match record.to_ref() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        state.pending.push_front(Staged::Record(record));
+                        return if leased.is_empty() { Err(e) } else { Ok(leased) };
+                    }
+                },
+            };
             state.leased.insert(r.sample_id.clone());
             leased.push(r);
         }
@@ -179,7 +254,7 @@ impl RefQueue for SampleRefQueue {
         let mut requeued = 0usize;
         for r in refs {
             if state.leased.remove(&r.sample_id) && retryable {
-                state.pending.push_back(r.clone());
+                state.pending.push_back(Staged::Ref(Box::new(r.clone())));
                 requeued += 1;
             }
         }

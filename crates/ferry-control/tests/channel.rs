@@ -696,6 +696,57 @@ fn a_ferry_distributor_consumes_specforge_bytes_another_process_is_appending() {
     inbox.mark_consumed(3).unwrap();
     distributor.pump().unwrap();
     assert_eq!(source.consumed_remote().unwrap(), records, "every record settled exactly once");
+    // The distributor commits records without building refs; the ledger's rows are still
+    // SpecForge's own, byte for byte (compare with the ledger SpecForge wrote for these refs).
+    let theirs = dir.path().join("specforge-ledger.db");
+    std::fs::copy(fixtures().join("specforge-control/ledger.db"), &theirs).unwrap();
+    let rows = |db: &Path| -> Vec<(String, String)> {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let mut stmt = conn.prepare("SELECT sample_id, ref_json FROM committed ORDER BY rowid").unwrap();
+        stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).unwrap().map(Result::unwrap).collect()
+    };
+    assert_eq!(rows(&dir.path().join("consumer.sqlite")), rows(&theirs));
+}
+
+#[test]
+fn a_record_with_an_unknown_key_stops_the_distributor_and_a_mistyped_value_stops_the_rank() {
+    use ferry_control::controller::{ControllerOptions, DataFlowController};
+    use ferry_control::distributor::{DistributorOptions, RefDistributor, file_inboxes};
+    use ferry_control::ledger::SqliteLedger;
+
+    let good = fixture_lines()[0].clone();
+    for (bad, stops_distributor) in [
+        (good.replacen("\"strategy\"", "\"strategee\"", 1), true),
+        (good.replacen("\"num_tokens\":4", "\"num_tokens\":\"four\"", 1), false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(channel_in(&dir), format!("{bad}\n")).unwrap();
+        let ledger = Arc::new(SqliteLedger::open_fresh(dir.path().join("consumer.sqlite")).unwrap());
+        let controller = Arc::new(DataFlowController::new(ControllerOptions::new("run0"), ledger));
+        let inboxes: Vec<Arc<dyn RefSink>> =
+            file_inboxes(&dir.path().join("inboxes"), 1).unwrap().into_iter().map(|i| i as Arc<dyn RefSink>).collect();
+        let distributor = RefDistributor::new(
+            Arc::new(FileRefChannel::open(channel_in(&dir))),
+            controller,
+            inboxes,
+            None,
+            DistributorOptions::new(1, 1),
+        )
+        .unwrap();
+        let pumped = distributor.pump();
+        if stops_distributor {
+            let err = pumped.unwrap_err().to_string();
+            assert!(err.contains("strategee") && err.contains("at byte 0"), "{err}");
+            continue;
+        }
+        pumped.unwrap();
+        // The rank's full parse refuses it, naming the inbox record; nothing is lost.
+        let inbox = FileRefChannel::inbox(&dir.path().join("inboxes"), 0);
+        for _ in 0..2 {
+            let err = inbox.poll(None).unwrap_err().to_string();
+            assert!(err.contains("inbox-rank0.jsonl record at byte 0"), "{err}");
+        }
+    }
 }
 
 #[test]

@@ -177,10 +177,68 @@ pub fn sample_ref_to_string(r: &SampleRef, style: JsonStyle) -> Result<String> {
     to_string(r, style)
 }
 
+/// Python's `json.dumps(x)` (default separators `", "` and `": "`) rebuilt from the output of
+/// `json.dumps(x, separators=(",", ":"))`: the same document with a space after every `,` and
+/// `:` outside strings. `None` when `compact` is not such output (whitespace outside strings,
+/// non-ASCII, an unterminated string); the caller then parses and serializes instead. It lets a
+/// ledger store SpecForge's spaced form of a channel record without building the ref.
+pub fn respace_compact(compact: &str) -> Option<String> {
+    let bytes = compact.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 8);
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if !b.is_ascii() {
+            return None;
+        }
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                out.push(b);
+            }
+            b',' | b':' => {
+                out.push(b);
+                out.push(b' ');
+            }
+            b' ' | b'\t' | b'\n' | b'\r' => return None,
+            _ => out.push(b),
+        }
+    }
+    if in_string {
+        return None;
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn respacing_compact_output_gives_the_spaced_output() {
+        let value = json!({
+            "a": [1, 2.5, "x, y: z", {"b\"c": "\\", "d": null}],
+            "e": "caf\u{e9} \n tab\t",
+            "f": {"g": true, "h": []},
+        });
+        let compact = to_string(&value, JsonStyle::Compact).unwrap();
+        assert_eq!(respace_compact(&compact).unwrap(), to_string(&value, JsonStyle::Spaced).unwrap());
+        for not_compact in ["{\"a\": 1}", "{\"a\":1}\n", "{\"a\":\"unterminated}", "{\"a\":\"é\"}"] {
+            assert_eq!(respace_compact(not_compact), None, "{not_compact}");
+        }
+    }
 
     #[test]
     fn float_repr_matches_python() {

@@ -13,6 +13,7 @@
 use super::io::{AppendFs, RealFs};
 use super::sidecar::{self, CLOSED, CONSUMER_DONE, CONSUMER_FAILED, FAILED};
 use super::{RefSink, RefSource};
+use crate::record::RefRecord;
 use ferry_core::json::{JsonStyle, sample_ref_from_str, sample_ref_to_string};
 use ferry_core::{Error, Result, SampleRef};
 use std::collections::VecDeque;
@@ -40,6 +41,9 @@ struct FileIdentity {
     born: Option<std::time::SystemTime>,
 }
 
+/// A record a reader refused, with its bytes (put back, never lost).
+type Refused = Box<(Error, Vec<u8>)>;
+
 /// SpecForge's prefix of an inbox failure.
 const DISTRIBUTOR_DIED: &str = "ref-distributor died:\n";
 
@@ -53,6 +57,7 @@ pub struct FileRefChannel {
     writer: Mutex<Writer>,
     reader: Mutex<Reader>,
     consumed: Mutex<u64>,
+    sync_appends: bool,
 }
 
 #[derive(Debug, Default)]
@@ -112,7 +117,18 @@ impl FileRefChannel {
             writer: Mutex::new(Writer::default()),
             reader: Mutex::new(Reader::default()),
             consumed: Mutex::new(0),
+            sync_appends: true,
         }
+    }
+
+    /// Whether appends are made durable with fsync (the default). The distributor turns it off
+    /// for inboxes: they are recreated from the ledger after any crash, so their durability buys
+    /// nothing, and on a real disk their fsyncs compete with the ledger's, which are the ones
+    /// that matter. Readers see an append without it (on NFS, once the writer closes the file,
+    /// which every append does).
+    pub fn with_sync(mut self, sync_appends: bool) -> FileRefChannel {
+        self.sync_appends = sync_appends;
+        self
     }
 
     /// The channel file.
@@ -203,6 +219,9 @@ impl FileRefChannel {
             writer.torn = written > boundary;
             return result;
         }
+        if !self.sync_appends {
+            return Ok(());
+        }
         // The records are published; a failed fsync is still reported.
         file.sync().map_err(|e| Error::io(format!("fsync of ref channel {}", self.path.display()), &e))
     }
@@ -274,41 +293,36 @@ impl FileRefChannel {
         }
     }
 
-    /// Parses up to `max` queued records, keeping each record's text when `keep_lines`.
-    fn poll_records(&self, max: Option<usize>, keep_lines: bool) -> Result<Vec<(SampleRef, Option<Box<str>>)>> {
+    /// Takes up to `max` queued records and reads each with `read`; everything from the first
+    /// record `read` refuses (it hands the bytes back) returns to the front of the queue (bad
+    /// input never loses data): the records before it are returned now, the error on the next
+    /// poll.
+    fn take<T>(
+        &self,
+        max: Option<usize>,
+        read: impl Fn(u64, Vec<u8>) -> std::result::Result<T, Refused>,
+    ) -> Result<Vec<T>> {
         let mut reader = lock(&self.reader);
         self.read_new(&mut reader)?;
         let take = max.unwrap_or(usize::MAX).min(reader.lines.len());
-        let batch: Vec<(u64, Vec<u8>)> = reader.lines.drain(..take).collect();
-        let parsed = self.parse_all(&batch);
-        // Records from the first bad one on go back to the front of the queue (bad input never
-        // loses data): the refs before it are returned now, the error on the next poll.
-        let good = parsed.iter().position(Result::is_err).unwrap_or(parsed.len());
-        let mut parsed = parsed.into_iter();
-        let mut out = Vec::with_capacity(good);
-        let mut batch = batch.into_iter();
-        for _ in 0..good {
-            if let (Some(Ok(r)), Some((_, line))) = (parsed.next(), batch.next()) {
-                // `parse` checked the bytes are UTF-8, so the conversion takes the buffer as is.
-                let text = if keep_lines { String::from_utf8(line).ok().map(String::into_boxed_str) } else { None };
-                out.push((r, text));
+        let mut out = Vec::with_capacity(take);
+        let mut failure = None;
+        while out.len() < take {
+            let Some((offset, line)) = reader.lines.pop_front() else { break };
+            match read(offset, line) {
+                Ok(item) => out.push(item),
+                Err(refused) => {
+                    let (e, line) = *refused;
+                    reader.lines.push_front((offset, line));
+                    failure = Some(e);
+                    break;
+                }
             }
         }
-        let first_error = parsed.next().and_then(Result::err);
-        let unread: Vec<(u64, Vec<u8>)> = batch.collect();
-        for record in unread.into_iter().rev() {
-            reader.lines.push_front(record);
-        }
-        match first_error {
+        match failure {
             Some(e) if out.is_empty() => Err(e),
             _ => Ok(out),
         }
-    }
-
-    /// Parses records. (Parsing on two threads was tried: on this 2-core machine the other
-    /// core is busy with the producer and the ranks, and it measured slower.)
-    fn parse_all(&self, batch: &[(u64, Vec<u8>)]) -> Vec<Result<SampleRef>> {
-        batch.iter().map(|(offset, line)| self.parse(*offset, line)).collect()
     }
 
     fn parse(&self, offset: u64, line: &[u8]) -> Result<SampleRef> {
@@ -413,11 +427,27 @@ impl RefSource for FileRefChannel {
     }
 
     fn poll(&self, max: Option<usize>) -> Result<Vec<SampleRef>> {
-        Ok(self.poll_records(max, false)?.into_iter().map(|(r, _)| r).collect())
+        self.take(max, |offset, line| self.parse(offset, &line).map_err(|e| Box::new((e, line))))
     }
 
-    fn poll_lines(&self, max: Option<usize>) -> Result<Vec<(SampleRef, Box<str>)>> {
-        Ok(self.poll_records(max, true)?.into_iter().map(|(r, line)| (r, line.unwrap_or_default())).collect())
+    fn poll_records(&self, max: Option<usize>) -> Result<Vec<RefRecord>> {
+        self.take(max, |offset, line| {
+            let context = format!("{} at byte {offset}", self.path.display());
+            let text = match String::from_utf8(line) {
+                Ok(text) => text,
+                Err(e) => {
+                    let message = format!("not UTF-8: {}", e.utf8_error());
+                    let error = Error::Corrupt { what: format!("ref channel {context}"), message };
+                    return Err(Box::new((error, e.into_bytes())));
+                }
+            };
+            match RefRecord::head(&text, &context) {
+                Ok((sample_id, source_task_id)) => {
+                    Ok(RefRecord { sample_id, source_task_id, line: text.into_boxed_str() })
+                }
+                Err(e) => Err(Box::new((e, text.into_bytes()))),
+            }
+        })
     }
 
     fn is_closed(&self) -> Result<bool> {

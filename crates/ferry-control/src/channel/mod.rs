@@ -23,6 +23,7 @@ pub mod stream;
 pub use file::{ChannelRole, FileRefChannel};
 pub use stream::{RefStream, StreamOptions};
 
+use crate::record::RefRecord;
 use ferry_core::{Error, Result, SampleRef};
 
 /// The producer's half of a channel.
@@ -85,16 +86,11 @@ pub trait RefSource: Send + Sync {
     /// but beyond `max` stay queued for the next call; a torn trailing record is never parsed.
     fn poll(&self, max: Option<usize>) -> Result<Vec<SampleRef>>;
 
-    /// [`RefSource::poll`], with each ref's record as it was written (compact JSON). The default
-    /// serializes the refs.
-    fn poll_lines(&self, max: Option<usize>) -> Result<Vec<(SampleRef, Box<str>)>> {
-        self.poll(max)?
-            .into_iter()
-            .map(|r| {
-                let line = ferry_core::json::sample_ref_to_string(&r, ferry_core::json::JsonStyle::Compact)?;
-                Ok((r, line.into_boxed_str()))
-            })
-            .collect()
+    /// Up to `max` new records, read only as far as [`RefRecord`] needs (the distributor's
+    /// path: it forwards records without building refs). The default builds the refs with
+    /// [`RefSource::poll`] and serializes them.
+    fn poll_records(&self, max: Option<usize>) -> Result<Vec<RefRecord>> {
+        self.poll(max)?.iter().map(RefRecord::from_ref).collect()
     }
 
     /// Whether the writer signalled a clean end of stream. An inbox whose distributor failed

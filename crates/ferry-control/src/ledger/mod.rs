@@ -75,6 +75,15 @@ pub trait Ledger: Send + Sync {
         }
     }
 
+    /// [`Ledger::commit_samples`] for refs given as `(sample id, SpecForge's spaced ref JSON)`,
+    /// the form the SQLite ledger stores: the distributor commits channel records this way
+    /// without building the refs. The default parses each record and commits the refs.
+    fn commit_records(&self, records: &[(SampleId, String)]) -> Result<Vec<bool>> {
+        let refs =
+            records.iter().map(|(_, json)| ferry_core::json::sample_ref_from_str(json)).collect::<Result<Vec<_>>>()?;
+        self.commit_samples(&refs)
+    }
+
     /// Whether `id` was committed.
     fn is_committed(&self, id: &SampleId) -> Result<bool>;
 

@@ -310,6 +310,17 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    fn commit_records(&self, records: &[(SampleId, String)]) -> Result<Vec<bool>> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write("commit samples", |tx| {
+            let mut insert =
+                tx.prepare_cached("INSERT OR IGNORE INTO committed (sample_id, ref_json) VALUES (?1, ?2)")?;
+            records.iter().map(|(id, json)| Ok(insert.execute((id.as_str(), json))? == 1)).collect()
+        })
+    }
+
     fn is_committed(&self, id: &SampleId) -> Result<bool> {
         self.connection()?
             .query_row("SELECT EXISTS (SELECT 1 FROM committed WHERE sample_id = ?1)", [id.as_str()], |row| row.get(0))
