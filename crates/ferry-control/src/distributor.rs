@@ -3,8 +3,7 @@
 //! drops samples a previous attempt already trained (`skip`), commits the rest through the
 //! controller's ledger in one transaction (duplicates are settled at once and never reach an
 //! inbox), and dispatches whole optimizer windows round-robin into one inbox per rank (one
-//! append per rank per pump; inboxes are not fsynced, being rebuilt from the ledger after a
-//! crash), so every
+//! append and one fsync per rank per pump), so every
 //! rank gets exactly `batch` refs per round and `batch x accumulation` per window and the ranks
 //! stay in lockstep. It forwards the ranks' acknowledgements to the source's consumed counter
 //! (dispatch alone never counts as consumed). At end of stream, fewer than one window's worth of
@@ -146,13 +145,15 @@ impl std::fmt::Debug for RefDistributor {
 }
 
 /// Deletes any previous attempt's inbox files in `inbox_dir` (inboxes are ephemeral; the
-/// ledger is durable) and opens one inbox writer per rank, without fsync on its appends.
+/// ledger is durable) and opens one inbox writer per rank.
 pub fn file_inboxes(inbox_dir: &Path, dp_size: usize) -> Result<Vec<Arc<FileRefChannel>>> {
     std::fs::create_dir_all(inbox_dir).map_err(|e| Error::io(format!("creating {}", inbox_dir.display()), &e))?;
     (0..dp_size)
         .map(|rank| {
-            // Ephemeral: recreated from the ledger after any crash, so not fsynced.
-            let inbox = FileRefChannel::inbox(inbox_dir, rank).with_sync(false);
+            // Appends stay fsynced: the inboxes are rebuilt from the ledger after a crash, so
+            // their durability buys nothing, but on a network filesystem a write error may
+            // surface only at fsync, and a lost append would stall its rank.
+            let inbox = FileRefChannel::inbox(inbox_dir, rank);
             inbox.remove_files()?;
             Ok(Arc::new(inbox))
         })

@@ -1,10 +1,8 @@
 //! [`RefRecord`]: a ref as a channel carries it, one compact JSON record, with only what the
 //! distributor needs read out of it (the sample id and the prompt task). The distributor
-//! commits, de-duplicates and dispatches records without building a [`SampleRef`] (reading the
-//! id costs about a fifth of parsing the whole ref); the ranks parse every ref in full, so a
-//! record that is valid JSON but not a valid ref fails the rank that reads it, with the record's
-//! position, instead of the distributor. The distributor still checks each record's keys:
-//! an unknown or a missing key is refused there, as a full parse would refuse it.
+//! commits, de-duplicates and dispatches records without building a [`SampleRef`]: checking a
+//! record as a parse would check it costs about a third of building the ref, and a record it
+//! accepts always parses as a ref later (at a rank, or when a restart reads the ledger back).
 
 use ferry_core::json::{JsonStyle, respace_compact, sample_ref_from_str, sample_ref_to_string};
 use ferry_core::{Error, Result, SampleId, SampleRef};
@@ -22,37 +20,118 @@ pub struct RefRecord {
     pub line: Box<str>,
 }
 
-/// A record's keys, checked as [`SampleRef`] checks them (no unknown key, every required one
-/// present), with only the id and the prompt task read; the values of the other keys are
-/// checked as JSON, not as the ref's types (the ranks' full parse does that).
+/// A record checked as [`SampleRef`]'s deserializer checks it (the same keys, required or
+/// defaulted; the same value types, down to each feature spec) without building it: strings
+/// are borrowed where they need no unescaping and maps are walked, not collected. Only the id
+/// and the prompt task are kept. A record this accepts therefore parses as a `SampleRef` later
+/// (a rank's full parse, a restart's reconciliation), so no record can poison the ledger.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // the `IgnoredAny` fields exist to be checked, not read
+#[allow(dead_code)] // the fields other than the id and the task exist to be checked, not read
 struct Head<'a> {
     #[serde(borrow)]
     sample_id: Cow<'a, str>,
     /// Required, and may be null (as in [`SampleRef`]).
     #[serde(deserialize_with = "required_nullable")]
     source_task_id: Option<String>,
-    run_id: IgnoredAny,
-    feature_store_uri: IgnoredAny,
-    feature_keys: IgnoredAny,
-    feature_specs: IgnoredAny,
-    strategy: IgnoredAny,
+    #[serde(borrow)]
+    run_id: Cow<'a, str>,
+    #[serde(borrow)]
+    feature_store_uri: Cow<'a, str>,
+    feature_keys: MapOf<StrValue>,
+    feature_specs: MapOf<SpecCheck>,
+    #[serde(borrow)]
+    strategy: Cow<'a, str>,
+    // Defaulted keys: absent is fine, `null` is not (except where the ref's field is optional).
     #[serde(default)]
-    schema_version: Option<IgnoredAny>,
+    schema_version: i64,
     #[serde(default)]
-    target_model_version: Option<IgnoredAny>,
+    target_model_version: StrValue,
+    #[serde(borrow, default)]
+    draft_weight_version: Option<Cow<'a, str>>,
     #[serde(default)]
-    draft_weight_version: Option<IgnoredAny>,
+    tokenizer_version: StrValue,
     #[serde(default)]
-    tokenizer_version: Option<IgnoredAny>,
+    num_tokens: i64,
     #[serde(default)]
-    num_tokens: Option<IgnoredAny>,
+    estimated_bytes: i64,
     #[serde(default)]
-    estimated_bytes: Option<IgnoredAny>,
+    metadata: MapOf<IgnoredAny>,
+}
+
+/// A feature spec, checked as [`ferry_core::FeatureSpec`] checks it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct SpecCheck {
+    name: StrValue,
+    shape: SeqOf<u64>,
+    dtype: StrValue,
     #[serde(default)]
-    metadata: Option<IgnoredAny>,
+    device_hint: Option<StrValue>,
+    #[serde(default)]
+    required: bool,
+    #[serde(default)]
+    target_repr: Option<ferry_core::TargetRepr>,
+    #[serde(default)]
+    target_meta: MapOf<IgnoredAny>,
+}
+
+/// A JSON string, checked and dropped (no allocation unless it has escapes).
+#[derive(Default)]
+struct StrValue;
+
+impl<'de> serde::Deserialize<'de> for StrValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let _: Cow<'de, str> = serde::Deserialize::deserialize(d)?;
+        Ok(StrValue)
+    }
+}
+
+/// A JSON object with string keys and values of `V`, walked without being collected.
+struct MapOf<V>(std::marker::PhantomData<V>);
+
+impl<V> Default for MapOf<V> {
+    fn default() -> Self {
+        MapOf(std::marker::PhantomData)
+    }
+}
+
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for MapOf<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Walk<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Walk<V> {
+            type Value = MapOf<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+                while map.next_entry::<StrValue, V>()?.is_some() {}
+                Ok(MapOf(std::marker::PhantomData))
+            }
+        }
+        d.deserialize_map(Walk(std::marker::PhantomData))
+    }
+}
+
+/// A JSON array of `T`, walked without being collected.
+struct SeqOf<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for SeqOf<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Walk<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Walk<T> {
+            type Value = SeqOf<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
+                while seq.next_element::<T>()?.is_some() {}
+                Ok(SeqOf(std::marker::PhantomData))
+            }
+        }
+        d.deserialize_seq(Walk(std::marker::PhantomData))
+    }
 }
 
 /// A key that must be present but may be null (serde makes a missing `Option` `None`
@@ -126,6 +205,51 @@ mod tests {
         ];
         for line in bad {
             assert!(RefRecord::parse(line.clone(), "t").is_err(), "{line}");
+        }
+        // Values of the wrong type are refused as a full parse refuses them.
+        let spec = r#"{"name":"x","shape":[2],"dtype":"int64"}"#;
+        let ok = format!(
+            r#"{{"sample_id":"a","source_task_id":null,"run_id":"r","feature_store_uri":"u","feature_keys":{{"x":"k"}},"feature_specs":{{"x":{spec}}},"strategy":"e","num_tokens":4}}"#
+        );
+        assert!(RefRecord::parse(ok.clone(), "t").is_ok());
+        for (from, to) in [
+            (r#""num_tokens":4"#, r#""num_tokens":"four""#),
+            (r#""num_tokens":4"#, r#""num_tokens":4.0"#),
+            (r#""num_tokens":4"#, r#""num_tokens":null"#),
+            (r#""num_tokens":4"#, r#""metadata":null"#),
+            (r#""run_id":"r""#, r#""run_id":null"#),
+            (r#""feature_keys":{"x":"k"}"#, r#""feature_keys":{"x":1}"#),
+            (r#""shape":[2]"#, r#""shape":["2"]"#),
+            (r#""shape":[2]"#, r#""shape":[-2]"#),
+            (r#""dtype":"int64""#, r#""dtype":"int64","target_repr":"pixels""#),
+            (r#""dtype":"int64""#, r#""dtype":"int64","colour":1"#),
+        ] {
+            let line = ok.replacen(from, to, 1);
+            assert!(sample_ref_from_str(&line).is_err(), "the full parse refuses {line}");
+            assert!(RefRecord::parse(line.clone(), "t").is_err(), "so must the record check: {line}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever one byte of a real ref record is changed to, the record check accepts it
+        /// exactly when the full parse does (an empty `sample_id` aside, which it also refuses).
+        #[test]
+        fn the_record_check_agrees_with_the_full_parse(at in 0usize..2000, byte in proptest::prelude::any::<u8>()) {
+            let text = std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/fixtures/specforge-control/refs.jsonl"
+            ))
+            .unwrap();
+            let mut line = text.lines().next().unwrap().as_bytes().to_vec();
+            let at = at % line.len();
+            line[at] = byte;
+            let Ok(line) = String::from_utf8(line) else { return Ok(()) };
+            let full = sample_ref_from_str(&line);
+            let checked = RefRecord::head(&line, "t");
+            let empty_id = full.as_ref().is_ok_and(|r| r.sample_id.as_str().is_empty());
+            proptest::prop_assert_eq!(checked.is_ok(), full.is_ok() && !empty_id, "{}", line);
         }
     }
 }

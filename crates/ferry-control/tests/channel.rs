@@ -709,20 +709,20 @@ fn a_ferry_distributor_consumes_specforge_bytes_another_process_is_appending() {
 }
 
 #[test]
-fn a_record_with_an_unknown_key_stops_the_distributor_and_a_mistyped_value_stops_the_rank() {
+fn a_record_that_is_not_a_valid_ref_stops_the_distributor_before_the_ledger() {
     use ferry_control::controller::{ControllerOptions, DataFlowController};
     use ferry_control::distributor::{DistributorOptions, RefDistributor, file_inboxes};
-    use ferry_control::ledger::SqliteLedger;
+    use ferry_control::ledger::{Ledger, SqliteLedger};
 
     let good = fixture_lines()[0].clone();
-    for (bad, stops_distributor) in [
-        (good.replacen("\"strategy\"", "\"strategee\"", 1), true),
-        (good.replacen("\"num_tokens\":4", "\"num_tokens\":\"four\"", 1), false),
+    for (bad, names) in [
+        (good.replacen("\"strategy\"", "\"strategee\"", 1), "strategee"),
+        (good.replacen("\"num_tokens\":4", "\"num_tokens\":\"four\"", 1), "four"),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(channel_in(&dir), format!("{bad}\n")).unwrap();
+        std::fs::write(channel_in(&dir), format!("{good}\n{bad}\n")).unwrap();
         let ledger = Arc::new(SqliteLedger::open_fresh(dir.path().join("consumer.sqlite")).unwrap());
-        let controller = Arc::new(DataFlowController::new(ControllerOptions::new("run0"), ledger));
+        let controller = Arc::new(DataFlowController::new(ControllerOptions::new("run0"), ledger.clone()));
         let inboxes: Vec<Arc<dyn RefSink>> =
             file_inboxes(&dir.path().join("inboxes"), 1).unwrap().into_iter().map(|i| i as Arc<dyn RefSink>).collect();
         let distributor = RefDistributor::new(
@@ -733,19 +733,14 @@ fn a_record_with_an_unknown_key_stops_the_distributor_and_a_mistyped_value_stops
             DistributorOptions::new(1, 1),
         )
         .unwrap();
-        let pumped = distributor.pump();
-        if stops_distributor {
-            let err = pumped.unwrap_err().to_string();
-            assert!(err.contains("strategee") && err.contains("at byte 0"), "{err}");
-            continue;
-        }
-        pumped.unwrap();
-        // The rank's full parse refuses it, naming the inbox record; nothing is lost.
-        let inbox = FileRefChannel::inbox(&dir.path().join("inboxes"), 0);
-        for _ in 0..2 {
-            let err = inbox.poll(None).unwrap_err().to_string();
-            assert!(err.contains("inbox-rank0.jsonl record at byte 0"), "{err}");
-        }
+        // The good record before it is committed and dispatched; the bad one never reaches the
+        // ledger, so a restart can always read the ledger back.
+        distributor.pump().unwrap();
+        let err = distributor.pump().unwrap_err().to_string();
+        let offset = good.len() + 1;
+        assert!(err.contains(names) && err.contains(&format!("at byte {offset}")), "{err}");
+        assert_eq!(ledger.committed_count().unwrap(), 1);
+        assert!(ledger.get_committed(&SampleId::new("run0:task0")).unwrap().is_some());
     }
 }
 

@@ -183,40 +183,55 @@ pub fn sample_ref_to_string(r: &SampleRef, style: JsonStyle) -> Result<String> {
 /// non-ASCII, an unterminated string); the caller then parses and serializes instead. It lets a
 /// ledger store SpecForge's spaced form of a channel record without building the ref.
 pub fn respace_compact(compact: &str) -> Option<String> {
+    if !compact.is_ascii() {
+        return None;
+    }
     let bytes = compact.as_bytes();
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 8);
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if !b.is_ascii() {
+    let mut at = 0;
+    while at < bytes.len() {
+        // Outside a string: copy up to the next string, `,` or `:`.
+        let Some(next) = memchr::memchr3(b'"', b',', b':', &bytes[at..]) else {
+            let tail = &bytes[at..];
+            if tail.iter().any(u8::is_ascii_whitespace) {
+                return None;
+            }
+            out.extend_from_slice(tail);
+            break;
+        };
+        let chunk = &bytes[at..at + next];
+        if chunk.iter().any(u8::is_ascii_whitespace) {
             return None;
         }
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
+        out.extend_from_slice(chunk);
+        at += next;
+        match bytes[at] {
             b'"' => {
-                in_string = true;
-                out.push(b);
+                // A string: copy through its closing quote, stepping over escapes.
+                let start = at;
+                at += 1;
+                loop {
+                    let rest = &bytes[at..];
+                    let stop = memchr::memchr2(b'"', b'\\', rest)?;
+                    at += stop;
+                    if bytes[at] == b'\\' {
+                        at += 2;
+                        if at > bytes.len() {
+                            return None;
+                        }
+                    } else {
+                        at += 1;
+                        break;
+                    }
+                }
+                out.extend_from_slice(&bytes[start..at]);
             }
-            b',' | b':' => {
-                out.push(b);
+            separator => {
+                out.push(separator);
                 out.push(b' ');
+                at += 1;
             }
-            b' ' | b'\t' | b'\n' | b'\r' => return None,
-            _ => out.push(b),
         }
-    }
-    if in_string {
-        return None;
     }
     String::from_utf8(out).ok()
 }

@@ -433,6 +433,16 @@ fn same_json(a: &Value, b: &Value) -> bool {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
+    /// Respacing ferry's compact output gives exactly its spaced output (Python's default
+    /// `json.dumps`), for any JSON value: strings with escapes, separators inside strings,
+    /// nesting, every number spelling.
+    #[test]
+    fn respacing_compact_json_gives_the_spaced_json(value in any_json()) {
+        let compact = json::to_string(&value, JsonStyle::Compact).unwrap();
+        prop_assert_eq!(json::respace_compact(&compact), Some(json::to_string(&value, JsonStyle::Spaced).unwrap()));
+    }
+
+
     #[test]
     fn generated_refs_round_trip_in_both_styles(r in any_ref()) {
         for style in [JsonStyle::Compact, JsonStyle::Spaced] {

@@ -121,11 +121,9 @@ impl FileRefChannel {
         }
     }
 
-    /// Whether appends are made durable with fsync (the default). The distributor turns it off
-    /// for inboxes: they are recreated from the ledger after any crash, so their durability buys
-    /// nothing, and on a real disk their fsyncs compete with the ledger's, which are the ones
-    /// that matter. Readers see an append without it (on NFS, once the writer closes the file,
-    /// which every append does).
+    /// Whether appends are made durable with fsync (the default). Turning it off suits a
+    /// channel that is rebuilt after a crash anyway, on a local filesystem only: on NFS a write
+    /// error may surface only at fsync (or at a close whose error is not seen).
     pub fn with_sync(mut self, sync_appends: bool) -> FileRefChannel {
         self.sync_appends = sync_appends;
         self
