@@ -315,6 +315,27 @@ mod tests {
     }
 
     #[test]
+    fn records_and_refs_share_one_fifo_and_convert_on_the_way_out() {
+        let q = SampleRefQueue::new();
+        q.put(refs(&["s0"]));
+        let record = RefRecord::from_ref(&sample_ref("s1")).unwrap();
+        assert_eq!(q.put_records([record.clone(), record.clone()]), 1, "a repeated record is skipped");
+        q.put(refs(&["s1", "s2"]));
+        assert_eq!(strings(q.pending_ids()), ["s0", "s1", "s2"]);
+        // The distributor's path: records (a ref staged as a ref is serialized).
+        let out = q.get_records(2).unwrap();
+        assert_eq!(out[0], RefRecord::from_ref(&sample_ref("s0")).unwrap());
+        assert_eq!(out[1], record);
+        assert_eq!((q.depth(), q.in_flight()), (1, 2));
+        q.fail_ids(&[SampleId::new("s0")], "dropped at the end");
+        assert_eq!(strings(q.in_flight_ids()), ["s1"]);
+        // The loader's path: refs (a record is parsed).
+        q.put_records([RefRecord::from_ref(&sample_ref("s3")).unwrap()]);
+        assert_eq!(ids(&q.get(5, None).unwrap()), ["s2", "s3"]);
+        assert_eq!(q.get(5, None).unwrap()[..].len(), 0);
+    }
+
+    #[test]
     fn put_three_get_two_then_ack_leaves_one_pending_and_none_in_flight() {
         let q = SampleRefQueue::new();
         assert_eq!(q.put(refs(&["s0", "s1", "s2"])), 3);
