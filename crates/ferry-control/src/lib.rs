@@ -17,6 +17,8 @@
 //!   boundaries, in SpecForge's exact order.
 //! * [`online`] — the online consumer's assembly: rank 0's setup and resume checks, each rank's
 //!   stream of optimizer steps ending in the durable acknowledgement.
+//! * [`producer`] — the online producer: claim, quantum handshake, capture workers under
+//!   backpressure, transactional publishing, failure sentinels, the always-run cleanup.
 //! * [`queue`] — [`queue::RefQueue`], the consume-once queue protocol the loader reads.
 //! * [`record`] — [`record::RefRecord`], a ref as its channel record (id + text), for the
 //!   distributor's path.
@@ -41,6 +43,7 @@ pub mod ingest;
 pub mod ledger;
 pub mod manifest;
 pub mod online;
+pub mod producer;
 pub mod queue;
 pub mod record;
 pub mod ref_queue;
