@@ -37,6 +37,12 @@ pub(crate) enum Command {
     /// Run the node daemon: one shared-memory arena and one lifecycle core for every client
     /// on this node (Unix socket, shared memory) and across nodes (TCP).
     Serve(ServeArgs),
+    /// The online producer: synthetic EAGLE3 capture into a store, refs published on the
+    /// control directory's channel under the consumer's backpressure.
+    Produce(ProduceArgs),
+    /// The online consumer: rank 0's distributor and SQLite ledger, `--dp` ranks (threads)
+    /// training optimizer steps (a checksum per sample) with the durable ack.
+    Consume(ConsumeArgs),
     /// Print a daemon's health map.
     Status(StatusArgs),
 }
@@ -282,4 +288,84 @@ pub(crate) struct IngestArgs {
     /// Worker threads (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub(crate) workers: Option<u16>,
+}
+
+/// `ferry produce`.
+#[derive(Debug, Args)]
+pub(crate) struct ProduceArgs {
+    /// The control directory shared with the consumer (`<dir>/refs.jsonl` and its sidecars).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) control: PathBuf,
+    /// The feature store: `dir://<root>` (shared directory) or a daemon (`ferry://host:port`,
+    /// `ferry+unix:///path`).
+    #[arg(long, value_name = "URI")]
+    pub(crate) store: String,
+    /// Prompts to capture (per epoch).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub(crate) samples: u64,
+    /// Passes over the prompts.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(crate) epochs: u32,
+    /// Seed of the prompt order and the synthetic features.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Tokens per sample.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) seq_len: u64,
+    /// Target hidden size.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub(crate) hidden: u64,
+    /// Capture workers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub(crate) workers: u64,
+    /// Prompts per capture call.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub(crate) lease: u64,
+    /// Pause at this many refs in flight (at least the consumer's quantum).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) high_watermark: i64,
+    /// Resume at this many refs in flight (default: the high watermark).
+    #[arg(long)]
+    pub(crate) low_watermark: Option<i64>,
+    /// Give up waiting for the consumer after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub(crate) peer_timeout: f64,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `ferry consume`.
+#[derive(Debug, Args)]
+pub(crate) struct ConsumeArgs {
+    /// The control directory shared with the producer.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) control: PathBuf,
+    /// The consumer's own state (ledger, inboxes, checkpoint); default: `<control>/consumer`.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state: Option<PathBuf>,
+    /// The feature store (as for `ferry produce`).
+    #[arg(long, value_name = "URI")]
+    pub(crate) store: String,
+    /// Data-parallel ranks (threads of this process).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub(crate) dp: u64,
+    /// Samples per rank per micro-batch.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub(crate) batch: u64,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub(crate) accum: u64,
+    /// Resume the attempt whose ledger and checkpoint are in the state directory.
+    #[arg(long)]
+    pub(crate) resume: bool,
+    /// Fail when no ref arrives for this many seconds while the channel is open.
+    #[arg(long)]
+    pub(crate) idle_timeout: Option<f64>,
+    /// Write each trained sample's checksum (`{"sample_id": checksum}` lines) here.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) checksums: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
 }

@@ -31,6 +31,7 @@ mod demo;
 mod ingest;
 mod inspect;
 mod measure;
+mod online;
 mod sample;
 mod serve;
 mod strategy;
@@ -70,6 +71,8 @@ fn run(command: Command, out: &mut dyn Write) -> Result<()> {
         Command::Ingest(a) => ingest::run(&ingest::Plan::from_args(a)?, out),
         Command::Serve(a) => serve::run(a, out),
         Command::Status(a) => serve::status(a, out),
+        Command::Produce(a) => online::produce(a, out),
+        Command::Consume(a) => online::consume(a, out),
         Command::Bench { what: BenchCommand::Transfer(a) } => transfer::run(a, out),
         Command::Bench { what: BenchCommand::TransferClient(a) } => transfer::client(a, out),
         Command::Bench { what: BenchCommand::Control(a) } => control_bench::run(a, out),

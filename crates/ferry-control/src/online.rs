@@ -371,7 +371,21 @@ pub fn run_rank(
     collective: Arc<dyn Collective>,
     rank0: Option<&Rank0>,
     store: Option<Arc<dyn FeatureStoreApi>>,
+    train: impl FnMut(&[Vec<SampleRef>]) -> Result<()>,
+) -> Result<RankReport> {
+    run_rank_with(config, collective, rank0, store, train, |_| Ok(()))
+}
+
+/// [`run_rank`] with `on_durable(global_step)` called after each step's durable
+/// acknowledgement (a trainer saves its checkpoint there: a resume needs the checkpoint's step
+/// to equal the ledger's).
+pub fn run_rank_with(
+    config: &ConsumerConfig,
+    collective: Arc<dyn Collective>,
+    rank0: Option<&Rank0>,
+    store: Option<Arc<dyn FeatureStoreApi>>,
     mut train: impl FnMut(&[Vec<SampleRef>]) -> Result<()>,
+    mut on_durable: impl FnMut(i64) -> Result<()>,
 ) -> Result<RankReport> {
     let rank = collective.rank();
     let result = (|| -> Result<RankReport> {
@@ -382,6 +396,7 @@ pub fn run_rank(
             train(&step)?;
             let ids: Vec<SampleId> = step.iter().flatten().map(|r| r.sample_id.clone()).collect();
             stream.commit_step(&ids)?;
+            on_durable(stream.global_step())?;
             report.steps += 1;
             report.refs += ids.len() as u64;
             report.global_step = stream.global_step();

@@ -1,0 +1,104 @@
+//! `ferry produce` and `ferry consume` as separate processes over a shared control directory
+//! and a shared-directory store: every produced sample is trained exactly once, with the bytes
+//! the producer put (checksums), the sentinels say how it ended, and nothing is left in the
+//! store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn checksums(path: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["sample_id"].as_str().unwrap().to_owned(), v["checksum"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+fn files_under(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap().filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else if path.file_name().is_some_and(|n| n != ".ferry-generation") {
+            out.push(path.display().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_producer_and_a_consumer_process_train_every_sample_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control");
+    let store = format!("dir://{}", dir.path().join("store").display());
+    let control_arg = control.display().to_string();
+    let producer = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["produce", "--control", &control_arg, "--store", &store, "--samples", "24", "--epochs", "2"])
+        .args(["--seq-len", "32", "--hidden", "32", "--workers", "2", "--lease", "3"])
+        .args(["--high-watermark", "8", "--peer-timeout", "60", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The consumer starts after the producer claimed the fresh channel.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !control.join("refs.jsonl.producer_claim").exists() {
+        assert!(Instant::now() < deadline, "the producer never claimed the channel");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let consumed_path = dir.path().join("consumed.jsonl");
+    let consumer = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["consume", "--control", &control_arg, "--store", &store, "--dp", "2", "--batch", "2", "--accum", "2"])
+        .args(["--idle-timeout", "60", "--json", "--checksums"])
+        .arg(&consumed_path)
+        .output()
+        .unwrap();
+    assert!(consumer.status.success(), "consumer: {}", String::from_utf8_lossy(&consumer.stderr));
+    let producer = producer.wait_with_output().unwrap();
+    assert!(producer.status.success(), "producer: {}", String::from_utf8_lossy(&producer.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&producer.stdout).unwrap();
+    assert_eq!(report["published"], 48);
+    assert!(report["max_in_flight"].as_u64().unwrap() <= 8 + 2 * 3, "{report}");
+
+    let produced: BTreeMap<String, u64> = checksums(&control.join("produced-checksums.jsonl")).into_iter().collect();
+    let consumed = checksums(&consumed_path);
+    assert_eq!(produced.len(), 48);
+    assert_eq!(consumed.len(), 48, "48 = 6 optimizer windows of 8: nothing dropped");
+    let mut seen = BTreeMap::new();
+    for (id, sum) in &consumed {
+        *seen.entry(id.clone()).or_insert(0) += 1;
+        assert_eq!(produced.get(id), Some(sum), "{id}: trained bytes differ from what was produced");
+    }
+    assert!(seen.values().all(|&n| n == 1), "each sample trained once");
+    assert!(control.join("refs.jsonl.closed").exists() && control.join("refs.jsonl.consumer_done").exists());
+    assert!(!control.join("refs.jsonl.failed").exists() && !control.join("refs.jsonl.consumer_failed").exists());
+    assert_eq!(std::fs::read_to_string(control.join("refs.jsonl.consumed_count")).unwrap(), "48");
+    assert_eq!(files_under(&dir.path().join("store")), Vec::<String>::new(), "every feature deleted");
+}
+
+#[test]
+fn a_consumer_without_a_producer_fails_at_its_idle_timeout_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let store = format!("dir://{}", dir.path().join("store").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["consume", "--control", &control.display().to_string(), "--store", &store, "--dp", "1"])
+        .args(["--idle-timeout", "0.2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("online consumer failed") && stderr.contains("timed out") && stderr.contains("dead?"),
+        "{stderr}"
+    );
+    assert!(control.join("refs.jsonl.consumer_failed").exists());
+}
