@@ -20,8 +20,8 @@ pub(crate) struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Put, read back (verified) and release synthetic EAGLE3 samples through each store, timed
-    /// against memcpy.
+    /// The online pipeline on this machine (embedded daemon, producer, 2-rank consumer), verified
+    /// and timed; `--topology stores` runs each store alone against memcpy.
     Demo(DemoArgs),
     /// Measure ferry against physical limits.
     Bench {
@@ -116,12 +116,21 @@ pub(crate) enum DemoStores {
 /// `ferry demo`.
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
-    /// Stores to run through.
+    /// What to run: the online pipeline (daemon, producer, 2-rank consumer) or each store alone.
+    #[arg(long, value_enum, default_value_t = DemoTopology::Online)]
+    pub(crate) topology: DemoTopology,
+    /// Stores to run through (`--topology stores`).
     #[arg(long, value_enum, default_value_t = DemoStores::Both)]
     pub(crate) store: DemoStores,
-    /// Samples per store (all are put before any is read back).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    pub(crate) samples: u64,
+    /// Samples (default: 64 online; 8 per store, all put before any is read back).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub(crate) samples: Option<u64>,
+    /// Seed of the synthetic samples (online).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Print the summary as one JSON object (online).
+    #[arg(long)]
+    pub(crate) json: bool,
     /// Tokens per sample (L).
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub(crate) seq_len: u64,
@@ -135,6 +144,15 @@ pub(crate) struct DemoArgs {
     /// Root of the shared-directory store (default: a temporary directory, removed after).
     #[arg(long, value_name = "PATH")]
     pub(crate) dir: Option<PathBuf>,
+}
+
+/// What `ferry demo` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DemoTopology {
+    /// An embedded daemon, an online producer and a 2-rank consumer, verified end to end.
+    Online,
+    /// Each store alone: put, read back (verified) and release, timed against memcpy.
+    Stores,
 }
 
 /// `ferry bench ...`.

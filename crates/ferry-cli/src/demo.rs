@@ -51,7 +51,7 @@ impl Plan {
         if args.dir.is_some() && !stores.contains(&StoreKind::Dir) {
             bail!("--dir names the shared-directory root, but --store mem runs no shared-directory store");
         }
-        Ok(Plan { stores, samples: args.samples, rounds: args.rounds, shape, sample_bytes, dir: args.dir })
+        Ok(Plan { stores, samples: args.samples.unwrap_or(8), rounds: args.rounds, shape, sample_bytes, dir: args.dir })
     }
 }
 

@@ -28,6 +28,7 @@ mod args;
 mod bench;
 mod control_bench;
 mod demo;
+mod demo_online;
 mod ingest;
 mod inspect;
 mod measure;
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
 /// Second stage: each subcommand builds its plan from the parsed arguments, then runs it.
 fn run(command: Command, out: &mut dyn Write) -> Result<()> {
     match command {
+        Command::Demo(a) if a.topology == args::DemoTopology::Online => demo_online::run(&a, out),
         Command::Demo(a) => demo::run(&demo::Plan::from_args(a)?, out),
         Command::Bench { what: BenchCommand::Store(a) } => bench::run(&bench::Plan::from_args(a)?, out),
         Command::Inspect(a) => inspect::run(&inspect::Plan::from_args(a), out),

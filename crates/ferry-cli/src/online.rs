@@ -38,9 +38,23 @@ fn seconds(s: f64, what: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(s).map_err(|_| anyhow::anyhow!("{what} must be a positive number of seconds, got {s}"))
 }
 
+/// The index `Sample::fill` takes for prompt `index` of pass `epoch`: what a colocated run
+/// regenerates to check what a consumer trained.
+pub(crate) fn sample_index(seed: u64, epoch: u64, samples_per_epoch: u64, index: u64) -> u64 {
+    seed.wrapping_mul(1_000_003).wrapping_add(epoch * samples_per_epoch + index)
+}
+
+/// The synthetic prompts: `p<index>` with the index in the payload.
+pub(crate) fn synthetic_prompts(samples: u64) -> Vec<JsonMap> {
+    (0..samples)
+        .map(|i| json!({"task_id": format!("p{i:08}"), "payload": {"index": i}}))
+        .filter_map(|v| v.as_object().cloned())
+        .collect()
+}
+
 /// Synthetic capture: the sample of a prompt is a deterministic function of its index (and
 /// epoch), put into the store with SpecForge-style metadata.
-struct Synthetic {
+pub(crate) struct Synthetic {
     store: Arc<dyn FeatureStoreApi>,
     shape: Eagle3Shape,
     run_id: String,
@@ -50,6 +64,32 @@ struct Synthetic {
     checksums: Mutex<Vec<(String, u64)>>,
 }
 
+impl Synthetic {
+    /// A capture into `store`.
+    pub(crate) fn new(
+        store: Arc<dyn FeatureStoreApi>,
+        shape: Eagle3Shape,
+        run_id: &str,
+        samples_per_epoch: u64,
+        seed: u64,
+    ) -> Result<Synthetic> {
+        Ok(Synthetic {
+            store,
+            shape,
+            run_id: run_id.to_owned(),
+            samples_per_epoch,
+            seed,
+            buffers: Mutex::new(Sample::new(shape)?),
+            checksums: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// `(sample id, checksum)` of everything captured so far.
+    pub(crate) fn checksums(&self) -> Vec<(String, u64)> {
+        self.checksums.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 impl Capture for Synthetic {
     fn capture(&self, tasks: &[PromptTask]) -> ferry_core::Result<Vec<SampleRef>> {
         let mut sample = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
@@ -57,7 +97,7 @@ impl Capture for Synthetic {
         for task in tasks {
             let index = task.payload.get("index").and_then(Value::as_u64).unwrap_or(0);
             let epoch = task.metadata.get("epoch").and_then(Value::as_u64).unwrap_or(0);
-            sample.fill(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch * self.samples_per_epoch + index));
+            sample.fill(sample_index(self.seed, epoch, self.samples_per_epoch, index));
             let views = sample.views().map_err(|e| Error::InvalidArgument(e.to_string()))?;
             let sample_id = format!("{}:{}", self.run_id, task.task_id);
             let mut r = self.store.put(&sample_id, &views, metadata(&self.run_id, self.shape))?;
@@ -82,10 +122,7 @@ fn write_checksums(path: &Path, checksums: &[(String, u64)]) -> Result<()> {
 pub(crate) fn produce(args: ProduceArgs, out: &mut dyn Write) -> Result<()> {
     let store = open_any(&args.store)?;
     let shape = Eagle3Shape { seq_len: args.seq_len, hidden: args.hidden };
-    let prompts: Vec<JsonMap> = (0..args.samples)
-        .map(|i| json!({"task_id": format!("p{i:08}"), "payload": {"index": i}}))
-        .filter_map(|v| v.as_object().cloned())
-        .collect();
+    let prompts = synthetic_prompts(args.samples);
     let config = ProducerConfig {
         run_id: "online".into(),
         channel: args.control.join("refs.jsonl"),
@@ -104,20 +141,11 @@ pub(crate) fn produce(args: ProduceArgs, out: &mut dyn Write) -> Result<()> {
         peer_timeout: Some(seconds(args.peer_timeout, "--peer-timeout")?),
         poll: Duration::from_millis(2),
     };
-    let capture = Arc::new(Synthetic {
-        store: Arc::clone(&store),
-        shape,
-        run_id: "online".into(),
-        samples_per_epoch: args.samples,
-        seed: args.seed,
-        buffers: Mutex::new(Sample::new(shape)?),
-        checksums: Mutex::new(Vec::new()),
-    });
+    let capture = Arc::new(Synthetic::new(Arc::clone(&store), shape, "online", args.samples, args.seed)?);
     let started = std::time::Instant::now();
     let report = run_producer(&config, store, capture.clone()).context("the online producer failed")?;
     let elapsed = started.elapsed().as_secs_f64();
-    let checksums = capture.checksums.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    write_checksums(&args.control.join("produced-checksums.jsonl"), &checksums)?;
+    write_checksums(&args.control.join("produced-checksums.jsonl"), &capture.checksums())?;
     let bytes = shape.bytes().unwrap_or(0) * report.published;
     if args.json {
         writeln!(
@@ -145,7 +173,7 @@ pub(crate) fn produce(args: ProduceArgs, out: &mut dyn Write) -> Result<()> {
 }
 
 /// The checksum `Sample::checksum` computes, over what a get returned.
-fn checksum(tensors: &indexmap::IndexMap<String, ferry_core::TensorBuf>) -> u64 {
+pub(crate) fn checksum(tensors: &indexmap::IndexMap<String, ferry_core::TensorBuf>) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     for (name, t) in tensors {
         h.write(name.as_bytes());

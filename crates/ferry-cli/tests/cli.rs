@@ -50,7 +50,7 @@ fn complete_lines(path: &Path) -> Vec<String> {
 
 #[test]
 fn demo_small_runs_both_stores_and_leaves_them_empty() {
-    let (stdout, _) = success(&["demo", "--samples", "2", "--seq-len", "64", "--hidden", "32"]);
+    let (stdout, _) = success(&["demo", "--topology", "stores", "--samples", "2", "--seq-len", "64", "--hidden", "32"]);
     assert_eq!(stdout.matches("resident_bytes=0 ").count(), 2, "{stdout}");
     for store in ["mem://demo", "dir://", "example ref", "put GB/s", "get/memcpy", "checksums match"] {
         assert!(stdout.contains(store), "missing {store:?} in\n{stdout}");
@@ -66,8 +66,21 @@ fn demo_small_runs_both_stores_and_leaves_them_empty() {
 fn demo_in_a_given_directory_removes_every_sample_file() {
     let root = tempfile::tempdir().expect("tempdir");
     let root_arg = root.path().to_str().expect("UTF-8 temp path");
-    let (stdout, _) =
-        success(&["demo", "--store", "dir", "--samples", "3", "--seq-len", "16", "--hidden", "8", "--dir", root_arg]);
+    let (stdout, _) = success(&[
+        "demo",
+        "--topology",
+        "stores",
+        "--store",
+        "dir",
+        "--samples",
+        "3",
+        "--seq-len",
+        "16",
+        "--hidden",
+        "8",
+        "--dir",
+        root_arg,
+    ]);
     assert!(!stdout.contains("mem://"), "{stdout}");
     let left: Vec<String> = std::fs::read_dir(root.path().join("demo"))
         .expect("store directory exists")
@@ -79,7 +92,7 @@ fn demo_in_a_given_directory_removes_every_sample_file() {
 
 #[test]
 fn demo_rejects_dir_without_a_dir_store() {
-    let out = ferry(&["demo", "--store", "mem", "--dir", "/tmp/x"]);
+    let out = ferry(&["demo", "--topology", "stores", "--store", "mem", "--dir", "/tmp/x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--dir"), "{}", text(&out.stderr));
 }
@@ -449,4 +462,19 @@ fn bench_control_json_has_the_fields_scripts_rely_on() {
     let out = ferry(&["bench", "control", "--refs", "3", "--dp", "2"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("less than one optimizer window"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn the_online_demo_checks_exactly_once_and_prints_the_json_scripts_rely_on() {
+    let (stdout, _) = success(&["demo", "--samples", "16", "--seq-len", "32", "--hidden", "32", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!((v["samples_published"].as_u64(), v["samples_trained"].as_u64()), (Some(16), Some(16)));
+    assert_eq!(v["trained_exactly_once"], true);
+    assert_eq!(v["checksums_match_colocated"], true);
+    assert_eq!((v["resident_bytes_after"].as_u64(), v["pending_removals_after"].as_u64()), (Some(0), Some(0)));
+    for key in ["gbps", "memcpy_gbps"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+    let (text, _) = success(&["demo", "--samples", "8", "--seq-len", "16", "--hidden", "16"]);
+    assert!(text.contains("every sample trained exactly once ........ ok"), "{text}");
 }
