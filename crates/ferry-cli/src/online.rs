@@ -15,7 +15,6 @@ use ferry_core::{Error, JsonMap, PromptTask, SampleRef};
 use ferry_net::Client;
 use ferry_store::{FeatureStoreApi, StoreOptions, open_store};
 use serde_json::{Value, json};
-use std::hash::Hasher;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -172,14 +171,34 @@ pub(crate) fn produce(args: ProduceArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-/// The checksum `Sample::checksum` computes, over what a get returned.
-pub(crate) fn checksum(tensors: &indexmap::IndexMap<String, ferry_core::TensorBuf>) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    for (name, t) in tensors {
-        h.write(name.as_bytes());
-        h.write(t.bytes());
+/// Reads samples into buffers it reuses (so reads never pay first-touch page faults) and
+/// checksums them as `Sample::checksum` does: a stand-in for a training step's reads.
+#[derive(Default)]
+pub(crate) struct Reader {
+    buffers: Vec<(String, ferry_core::AlignedBuf)>,
+}
+
+impl Reader {
+    /// Reads `r`'s features into the reused buffers, releases the lease, returns the checksum.
+    pub(crate) fn read(&mut self, store: &dyn FeatureStoreApi, r: &SampleRef) -> ferry_core::Result<u64> {
+        let mut sizes = Vec::with_capacity(r.feature_specs.len());
+        for (name, spec) in &r.feature_specs {
+            let n = usize::try_from(spec.nbytes()?)
+                .map_err(|_| Error::InvalidArgument(format!("feature {name} does not fit in memory")))?;
+            sizes.push((name.clone(), n));
+        }
+        if self.buffers.len() != sizes.len()
+            || self.buffers.iter().zip(&sizes).any(|((a, buf), (b, n))| a != b || buf.len() != *n)
+        {
+            self.buffers = sizes.into_iter().map(|(name, n)| (name, ferry_core::AlignedBuf::zeroed(n))).collect();
+        }
+        let mut dsts: Vec<(&str, &mut [u8])> =
+            self.buffers.iter_mut().map(|(name, buf)| (name.as_str(), buf.as_mut_slice())).collect();
+        let handle = store.get_into(r, &mut dsts)?;
+        let sum = crate::sample::checksum_of(self.buffers.iter().map(|(name, buf)| (name.as_str(), buf.as_slice())));
+        store.release(&handle)?;
+        Ok(sum)
     }
-    h.finish()
 }
 
 /// `ferry consume`.
@@ -216,7 +235,8 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
             let group: Arc<dyn Collective> = Arc::new(group);
             let rank0 = agree_on_rank0_setup(&config, group.as_ref(), Some(Arc::clone(&store)))?;
             let distributor = rank0.as_ref().map(|r| r.distributor.start()).transpose()?;
-            let reader = Arc::clone(&store);
+            let source = Arc::clone(&store);
+            let mut reader = Reader::default();
             let result = run_rank_with(
                 &config,
                 group,
@@ -224,10 +244,7 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
                 Some(store),
                 |step| {
                     for r in step.iter().flatten() {
-                        let (tensors, handle) = reader.get(r, None)?;
-                        let sum = checksum(&tensors);
-                        drop(tensors);
-                        reader.release(&handle)?;
+                        let sum = reader.read(source.as_ref(), r)?;
                         trained.lock().unwrap_or_else(|p| p.into_inner()).push((r.sample_id.to_string(), sum));
                     }
                     Ok(())
