@@ -383,6 +383,14 @@ pub(crate) struct ConsumeArgs {
     /// Write each trained sample's checksum (`{"sample_id": checksum}` lines) here.
     #[arg(long, value_name = "PATH")]
     pub(crate) checksums: Option<PathBuf>,
+    /// Run only this rank, in this process (the others run in their own processes and join the
+    /// same `--group`); default: every rank as a thread of this process.
+    #[arg(long, requires = "group")]
+    pub(crate) rank: Option<u64>,
+    /// Where the ranks' processes meet: `tcp://<rank 0 host>:<port>` or `unix:///path` (rank 0
+    /// listens there).
+    #[arg(long, value_name = "ADDRESS", requires = "rank")]
+    pub(crate) group: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,

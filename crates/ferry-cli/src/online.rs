@@ -7,7 +7,7 @@
 use crate::args::{ConsumeArgs, ProduceArgs};
 use crate::sample::{Eagle3Shape, Sample, metadata};
 use anyhow::{Context, Result};
-use ferry_control::collective::{Collective, LocalGroup};
+use ferry_control::collective::{Collective, GroupAddress, LocalGroup, SocketGroup};
 use ferry_control::flow::FlowControlLimits;
 use ferry_control::online::{ConsumerConfig, agree_on_rank0_setup, run_rank_with};
 use ferry_control::producer::{Capture, ProducerConfig, run_producer};
@@ -227,40 +227,28 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
     let started = std::time::Instant::now();
     let trained: Arc<Mutex<Vec<(String, u64)>>> = Arc::new(Mutex::new(Vec::new()));
     let mut threads = Vec::new();
-    for group in LocalGroup::new(config.dp_size, Duration::from_secs(600)) {
+    let groups: Vec<Arc<dyn Collective>> = match (args.rank, &args.group) {
+        (Some(rank), Some(address)) => {
+            let address = GroupAddress::parse(address)?;
+            let group = SocketGroup::rendezvous(
+                &address,
+                "ferry-consume",
+                rank as usize,
+                config.dp_size,
+                Duration::from_secs(600),
+            )
+            .with_context(|| format!("joining the consumer's process group as rank {rank}"))?;
+            vec![Arc::new(group)]
+        }
+        _ => LocalGroup::new(config.dp_size, Duration::from_secs(600))
+            .into_iter()
+            .map(|g| Arc::new(g) as Arc<dyn Collective>)
+            .collect(),
+    };
+    for group in groups {
         let (config, trained, checkpoint_path) = (config.clone(), Arc::clone(&trained), checkpoint_path.clone());
         let store = open_any(&args.store)?;
-        threads.push(std::thread::spawn(move || -> ferry_core::Result<(u64, u64)> {
-            let rank = group.rank();
-            let group: Arc<dyn Collective> = Arc::new(group);
-            let rank0 = agree_on_rank0_setup(&config, group.as_ref(), Some(Arc::clone(&store)))?;
-            let distributor = rank0.as_ref().map(|r| r.distributor.start()).transpose()?;
-            let source = Arc::clone(&store);
-            let mut reader = Reader::default();
-            let result = run_rank_with(
-                &config,
-                group,
-                rank0.as_ref(),
-                Some(store),
-                |step| {
-                    for r in step.iter().flatten() {
-                        let sum = reader.read(source.as_ref(), r)?;
-                        trained.lock().unwrap_or_else(|p| p.into_inner()).push((r.sample_id.to_string(), sum));
-                    }
-                    Ok(())
-                },
-                |step| {
-                    if rank == 0 {
-                        save_checkpoint(&checkpoint_path, step)?;
-                    }
-                    Ok(())
-                },
-            );
-            if let Some(d) = distributor {
-                let _ = d.stop();
-            }
-            result.map(|r| (r.steps, r.refs))
-        }));
+        threads.push(std::thread::spawn(move || run_one_rank(&config, group, store, &trained, &checkpoint_path)));
     }
     let mut steps = 0;
     let mut refs = 0;
@@ -290,6 +278,40 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "consumed {refs} samples in {steps} optimizer steps over {} ranks in {elapsed:.2} s", args.dp)?;
     }
     Ok(())
+}
+
+/// One consumer rank: setup agreement, the distributor on rank 0, optimizer steps that read
+/// and checksum every sample, the checkpoint after each durable ack (rank 0).
+fn run_one_rank(
+    config: &ConsumerConfig,
+    group: Arc<dyn Collective>,
+    store: Arc<dyn FeatureStoreApi>,
+    trained: &Mutex<Vec<(String, u64)>>,
+    checkpoint_path: &Path,
+) -> ferry_core::Result<(u64, u64)> {
+    let rank = group.rank();
+    let rank0 = agree_on_rank0_setup(config, group.as_ref(), Some(Arc::clone(&store)))?;
+    let distributor = rank0.as_ref().map(|r| r.distributor.start()).transpose()?;
+    let source = Arc::clone(&store);
+    let mut reader = Reader::default();
+    let result = run_rank_with(
+        config,
+        group,
+        rank0.as_ref(),
+        Some(store),
+        |step| {
+            for r in step.iter().flatten() {
+                let sum = reader.read(source.as_ref(), r)?;
+                trained.lock().unwrap_or_else(|p| p.into_inner()).push((r.sample_id.to_string(), sum));
+            }
+            Ok(())
+        },
+        |step| if rank == 0 { save_checkpoint(checkpoint_path, step) } else { Ok(()) },
+    );
+    if let Some(d) = distributor {
+        let _ = d.stop();
+    }
+    result.map(|r| (r.steps, r.refs))
 }
 
 /// Writes the trainer's checkpoint step atomically (a stand-in for saving model and optimizer).

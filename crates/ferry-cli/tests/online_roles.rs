@@ -102,3 +102,65 @@ fn a_consumer_without_a_producer_fails_at_its_idle_timeout_and_says_so() {
     );
     assert!(control.join("refs.jsonl.consumer_failed").exists());
 }
+
+#[test]
+fn consumer_ranks_can_be_separate_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control");
+    let control_arg = control.display().to_string();
+    let store = format!("dir://{}", dir.path().join("store").display());
+    let producer = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["produce", "--control", &control_arg, "--store", &store, "--samples", "16"])
+        .args(["--seq-len", "16", "--hidden", "16", "--high-watermark", "8", "--peer-timeout", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !control.join("refs.jsonl.producer_claim").exists() {
+        assert!(Instant::now() < deadline, "the producer never claimed the channel");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let group = format!("unix://{}", dir.path().join("group.sock").display());
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args([
+                    "consume",
+                    "--control",
+                    &control_arg,
+                    "--store",
+                    &store,
+                    "--dp",
+                    "2",
+                    "--batch",
+                    "2",
+                    "--accum",
+                    "1",
+                ])
+                .args(["--idle-timeout", "60", "--rank", &rank.to_string(), "--group", &group, "--checksums"])
+                .arg(dir.path().join(format!("rank{rank}.jsonl")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = producer.wait_with_output().unwrap();
+    assert!(out.status.success(), "producer: {}", String::from_utf8_lossy(&out.stderr));
+    let produced: BTreeMap<String, u64> = checksums(&control.join("produced-checksums.jsonl")).into_iter().collect();
+    let mut seen = BTreeMap::new();
+    for rank in 0..2 {
+        let mine = checksums(&dir.path().join(format!("rank{rank}.jsonl")));
+        assert_eq!(mine.len(), 8, "each rank trains half");
+        for (id, sum) in mine {
+            assert_eq!(produced.get(&id), Some(&sum));
+            assert!(seen.insert(id, rank).is_none(), "a sample trained twice");
+        }
+    }
+    assert_eq!(seen.len(), 16);
+}
