@@ -391,6 +391,10 @@ pub(crate) struct ConsumeArgs {
     /// listens there).
     #[arg(long, value_name = "ADDRESS", requires = "rank")]
     pub(crate) group: Option<String>,
+    /// Fault injection for tests: abort the process (no cleanup, as a crash) right after the
+    /// durable ack and checkpoint of this optimizer step.
+    #[arg(long, hide = true)]
+    pub(crate) crash_after_step: Option<i64>,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,

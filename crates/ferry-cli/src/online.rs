@@ -248,7 +248,10 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
     for group in groups {
         let (config, trained, checkpoint_path) = (config.clone(), Arc::clone(&trained), checkpoint_path.clone());
         let store = open_any(&args.store)?;
-        threads.push(std::thread::spawn(move || run_one_rank(&config, group, store, &trained, &checkpoint_path)));
+        let crash_after = args.crash_after_step;
+        threads.push(std::thread::spawn(move || {
+            run_one_rank(&config, group, store, &trained, &checkpoint_path, crash_after)
+        }));
     }
     let mut steps = 0;
     let mut refs = 0;
@@ -288,6 +291,7 @@ fn run_one_rank(
     store: Arc<dyn FeatureStoreApi>,
     trained: &Mutex<Vec<(String, u64)>>,
     checkpoint_path: &Path,
+    crash_after: Option<i64>,
 ) -> ferry_core::Result<(u64, u64)> {
     let rank = group.rank();
     let rank0 = agree_on_rank0_setup(config, group.as_ref(), Some(Arc::clone(&store)))?;
@@ -306,7 +310,16 @@ fn run_one_rank(
             }
             Ok(())
         },
-        |step| if rank == 0 { save_checkpoint(checkpoint_path, step) } else { Ok(()) },
+        |step| {
+            if rank == 0 {
+                save_checkpoint(checkpoint_path, step)?;
+                if crash_after == Some(step) {
+                    // A crash, as a test injects it: no cleanup, no sentinel.
+                    std::process::abort();
+                }
+            }
+            Ok(())
+        },
     );
     if let Some(d) = distributor {
         let _ = d.stop();

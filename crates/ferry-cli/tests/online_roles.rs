@@ -164,3 +164,76 @@ fn consumer_ranks_can_be_separate_processes() {
     }
     assert_eq!(seen.len(), 16);
 }
+
+/// The ids the consumer's SQLite ledger has durably acknowledged.
+fn acked(ledger: &Path) -> std::collections::BTreeSet<String> {
+    let conn = rusqlite::Connection::open(ledger).unwrap();
+    let mut stmt = conn.prepare("SELECT sample_id FROM acked").unwrap();
+    stmt.query_map([], |row| row.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
+}
+
+#[test]
+fn a_crashed_consumer_resumes_and_never_trains_a_durably_acknowledged_sample_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control");
+    let control_arg = control.display().to_string();
+    let store = format!("dir://{}", dir.path().join("store").display());
+    let producer = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["produce", "--control", &control_arg, "--store", &store, "--samples", "32"])
+        .args(["--seq-len", "16", "--hidden", "16", "--high-watermark", "8", "--peer-timeout", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !control.join("refs.jsonl.producer_claim").exists() {
+        assert!(Instant::now() < deadline, "the producer never claimed the channel");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let consume = |extra: &[&str], checksums: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "consume",
+                "--control",
+                &control_arg,
+                "--store",
+                &store,
+                "--dp",
+                "2",
+                "--batch",
+                "2",
+                "--accum",
+                "1",
+            ])
+            .args(["--idle-timeout", "60"])
+            .args(extra)
+            .arg("--checksums")
+            .arg(checksums)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    // The first attempt crashes right after the durable ack (and checkpoint) of step 3.
+    let crashed = consume(&["--crash-after-step", "3"], &dir.path().join("first.jsonl"));
+    assert!(!crashed.status.success(), "the injected crash");
+    let durable = acked(&control.join("consumer/consumer.sqlite"));
+    assert_eq!(durable.len(), 12, "3 steps of 4 samples were durable at the crash");
+    let resumed = consume(&["--resume"], &dir.path().join("second.jsonl"));
+    assert!(resumed.status.success(), "resume: {}", String::from_utf8_lossy(&resumed.stderr));
+    let out = producer.wait_with_output().unwrap();
+    assert!(out.status.success(), "producer: {}", String::from_utf8_lossy(&out.stderr));
+
+    let produced: BTreeMap<String, u64> = checksums(&control.join("produced-checksums.jsonl")).into_iter().collect();
+    let second = checksums(&dir.path().join("second.jsonl"));
+    for (id, sum) in &second {
+        assert!(!durable.contains(id), "{id} was trained again after its durable ack");
+        assert_eq!(produced.get(id), Some(sum));
+    }
+    let all = acked(&control.join("consumer/consumer.sqlite"));
+    assert_eq!(all.len(), 32, "every sample durably acknowledged");
+    assert_eq!(second.len(), 20);
+    assert_eq!(std::fs::read_to_string(control.join("refs.jsonl.consumed_count")).unwrap(), "32");
+    assert!(control.join("refs.jsonl.consumer_done").exists());
+    assert_eq!(files_under(&dir.path().join("store")), Vec::<String>::new(), "every feature deleted");
+}
