@@ -73,6 +73,11 @@ pub(crate) struct ServeArgs {
     /// Free samples no client released after this many seconds (max-hold GC, every second).
     #[arg(long, value_name = "SECONDS")]
     pub(crate) max_hold: Option<u64>,
+    /// Keep a sample's bytes when its last read lease ends: online consumers delete features
+    /// only at their durable ack (and refuse a store that frees on release); offline data is
+    /// re-read every epoch. Without it, a release frees (consume-once).
+    #[arg(long)]
+    pub(crate) retain_on_release: bool,
 }
 
 /// `ferry status`.

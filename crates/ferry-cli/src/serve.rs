@@ -46,6 +46,7 @@ pub(crate) fn run(args: ServeArgs, out: &mut dyn Write) -> Result<()> {
     let options = StoreOptions {
         store_id: args.store_id.clone().map(Into::into),
         max_hold_age: args.max_hold.map(Duration::from_secs),
+        retain_on_release: args.retain_on_release,
         ..StoreOptions::default()
     };
     let started = Instant::now();

@@ -237,3 +237,68 @@ fn a_crashed_consumer_resumes_and_never_trains_a_durably_acknowledged_sample_aga
     assert!(control.join("refs.jsonl.consumer_done").exists());
     assert_eq!(files_under(&dir.path().join("store")), Vec::<String>::new(), "every feature deleted");
 }
+
+#[test]
+fn producer_and_consumer_processes_share_a_ferry_serve_daemon() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ferry.sock");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .args(["--capacity", "64MiB", "--retain-on-release", "--store-id", "node0"])
+        .env_remove("FERRY_AUTH_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(daemon.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("ferry serve printed ready").unwrap();
+        if line.contains("ready") {
+            break;
+        }
+    }
+    let uri = format!("ferry+unix://{}", socket.display());
+    let control = dir.path().join("control");
+    let control_arg = control.display().to_string();
+    let producer = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["produce", "--control", &control_arg, "--store", &uri, "--samples", "16"])
+        .args(["--seq-len", "64", "--hidden", "64", "--high-watermark", "8", "--peer-timeout", "60"])
+        .env_remove("FERRY_AUTH_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !control.join("refs.jsonl.producer_claim").exists() {
+        assert!(Instant::now() < deadline, "the producer never claimed the channel");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let consumed_path = dir.path().join("consumed.jsonl");
+    let consumer = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["consume", "--control", &control_arg, "--store", &uri, "--dp", "2", "--batch", "2", "--accum", "2"])
+        .args(["--idle-timeout", "60", "--checksums"])
+        .arg(&consumed_path)
+        .env_remove("FERRY_AUTH_TOKEN")
+        .output()
+        .unwrap();
+    assert!(consumer.status.success(), "consumer: {}", String::from_utf8_lossy(&consumer.stderr));
+    let out = producer.wait_with_output().unwrap();
+    assert!(out.status.success(), "producer: {}", String::from_utf8_lossy(&out.stderr));
+    let produced: BTreeMap<String, u64> = checksums(&control.join("produced-checksums.jsonl")).into_iter().collect();
+    let consumed = checksums(&consumed_path);
+    assert_eq!(consumed.len(), 16);
+    let distinct: std::collections::BTreeSet<&String> = consumed.iter().map(|(id, _)| id).collect();
+    assert_eq!(distinct.len(), 16, "each sample trained once");
+    assert!(consumed.iter().all(|(id, sum)| produced.get(id) == Some(sum)));
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["status", &uri, "--json"])
+        .env_remove("FERRY_AUTH_TOKEN")
+        .output()
+        .unwrap();
+    let health: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!((health["resident_bytes"].as_u64(), health["release_pending"].as_u64()), (Some(0), Some(0)), "{health}");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}

@@ -35,6 +35,10 @@ pub trait Collective: Send + Sync {
     /// Contributes `part` and returns every rank's part, in rank order.
     fn all_gather(&self, part: Vec<u8>) -> Result<Vec<Vec<u8>>>;
 
+    /// Leaves the group for good after a failure on this rank: every rank waiting in (or later
+    /// entering) a round fails at once instead of waiting for its timeout.
+    fn abandon(&self) {}
+
     /// Rank 0's `part`, on every rank.
     fn broadcast_from_rank0(&self, part: Vec<u8>) -> Result<Vec<u8>> {
         self.all_gather(part)?.into_iter().next().ok_or_else(|| Error::Protocol {
@@ -70,6 +74,8 @@ struct Round {
     arrived: usize,
     parts: Vec<Vec<u8>>,
     last: Arc<Vec<Vec<u8>>>,
+    /// A rank that failed and left: no round can complete any more.
+    abandoned_by: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -98,6 +104,7 @@ impl LocalGroup {
                 arrived: 0,
                 parts: vec![Vec::new(); world],
                 last: Arc::new(Vec::new()),
+                abandoned_by: None,
             }),
             done: Condvar::new(),
         });
@@ -112,9 +119,21 @@ impl Collective for LocalGroup {
     fn world_size(&self) -> usize {
         self.shared.world
     }
+    fn abandon(&self) {
+        let mut round = lock(&self.shared.round);
+        round.abandoned_by.get_or_insert(self.rank);
+        self.shared.done.notify_all();
+    }
+
     fn all_gather(&self, part: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         let shared = &self.shared;
+        let abandoned = |by: usize| Error::Collective {
+            message: format!("rank {by} failed and left the group; every rank stops (see rank {by}'s error)"),
+        };
         let mut round = lock(&shared.round);
+        if let Some(by) = round.abandoned_by {
+            return Err(abandoned(by));
+        }
         let generation = round.generation;
         round.parts[self.rank] = part;
         round.arrived += 1;
@@ -130,6 +149,10 @@ impl Collective for LocalGroup {
         // the next round before this one arrives at it.
         let deadline = Instant::now() + shared.timeout;
         while round.generation == generation {
+            if let Some(by) = round.abandoned_by {
+                round.arrived -= 1;
+                return Err(abandoned(by));
+            }
             let now = Instant::now();
             if now >= deadline {
                 let arrived = round.arrived;
@@ -431,6 +454,10 @@ impl SocketGroup {
 impl Collective for SocketGroup {
     fn rank(&self) -> usize {
         self.rank
+    }
+    fn abandon(&self) {
+        // Closing the connections ends every peer's round with an error.
+        *lock(&self.conns) = None;
     }
     fn world_size(&self) -> usize {
         self.world

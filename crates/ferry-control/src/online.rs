@@ -434,6 +434,8 @@ pub fn run_rank_with(
             Ok(report)
         }
         Err(primary) => {
+            // This rank will not reach another boundary: its peers must not wait for it.
+            collective.abandon();
             // Failure: publish it (any rank may), with a failed drain's error beside it; the
             // caller gets the primary error.
             let mut text = primary.python_reason();

@@ -379,8 +379,13 @@ fn capture_loop(
         if stop.load(Ordering::SeqCst) || channel.consumer_stopped()? {
             return Ok(false);
         }
-        let consumed = channel.consumed_remote()?;
-        let (in_flight, bytes) = lock(accounting).reconcile(consumed)?;
+        // Read the counter under the lock: two workers reading it apart could reconcile an
+        // older value after a newer one and see the counter move backwards.
+        let (in_flight, bytes) = {
+            let mut acct = lock(accounting);
+            let consumed = channel.consumed_remote()?;
+            acct.reconcile(consumed)?
+        };
         let paused = in_flight >= quantum
             && flow
                 .should_pause(i64::try_from(in_flight).unwrap_or(i64::MAX), i64::try_from(bytes).unwrap_or(i64::MAX));

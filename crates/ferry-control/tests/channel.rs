@@ -390,6 +390,9 @@ fn the_consumer_quantum_is_claimed_once_per_attempt() {
     let changed = consumer.publish_consumer_quantum(12, true).unwrap_err();
     assert!(changed.to_string().contains("changed across resume"), "{changed}");
     assert_eq!(producer.consumer_quantum().unwrap(), Some(8));
+    // Created but not yet written (the writer's create-then-write): not published yet.
+    std::fs::write(dir.path().join("refs.jsonl.consumer_quantum"), "").unwrap();
+    assert_eq!(producer.consumer_quantum().unwrap(), None);
     for bad in ["x", "0", "-3"] {
         std::fs::write(dir.path().join("refs.jsonl.consumer_quantum"), bad).unwrap();
         let err = producer.consumer_quantum().unwrap_err();

@@ -362,3 +362,17 @@ fn a_stray_connection_does_not_break_the_rendezvous() {
     assert_eq!(rank0.all_gather(b"a".to_vec()).unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
     assert_eq!(t.join().unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
 }
+
+#[test]
+fn a_rank_that_abandons_the_group_fails_every_waiting_rank_at_once() {
+    let mut group = LocalGroup::new(3, TIMEOUT);
+    let (r2, r1, r0) = (group.pop().unwrap(), group.pop().unwrap(), group.pop().unwrap());
+    let waiter = std::thread::spawn(move || r0.all_gather(b"a".to_vec()));
+    std::thread::sleep(Duration::from_millis(10));
+    r1.abandon();
+    let started = std::time::Instant::now();
+    let err = waiter.join().unwrap().unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "failed at once, not at the timeout");
+    assert!(err.to_string().contains("rank 1 failed and left the group"), "{err}");
+    assert!(r2.all_gather(b"c".to_vec()).is_err(), "and every later round fails too");
+}

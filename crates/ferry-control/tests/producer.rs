@@ -223,11 +223,11 @@ fn a_used_channel_is_refused_and_the_watermarks_must_cover_a_window() {
     let mut config = producer_config(dir.path(), prompts(2), 1);
     config.flow = FlowControlLimits { high_watermark_refs: 4, ..FlowControlLimits::default() };
     std::fs::create_dir_all(dir.path().join("control")).unwrap();
-    let quantum = dir.path().join("control/refs.jsonl.consumer_quantum");
     let writer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(quantum, "8").unwrap();
-        FileRefChannel::open(dir.path().join("control/refs.jsonl")).mark_consumer_done().unwrap();
+        let consumer = FileRefChannel::open(dir.path().join("control/refs.jsonl"));
+        consumer.publish_consumer_quantum(8, false).unwrap();
+        consumer.mark_consumer_done().unwrap();
         dir
     });
     let err = run_producer(&config, capture.store.clone(), capture.clone()).unwrap_err().to_string();

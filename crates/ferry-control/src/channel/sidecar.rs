@@ -121,7 +121,8 @@ pub fn create_quantum(path: &Path, quantum: u64) -> Result<bool> {
     Ok(true)
 }
 
-/// The quantum sidecar: `None` if missing; not an integer or below 1 is a protocol error.
+/// The quantum sidecar: `None` if missing (or still empty, while its writer writes it); not an
+/// integer or below 1 is a protocol error.
 pub fn read_quantum(path: &Path) -> Result<Option<u64>> {
     let target = sidecar(path, CONSUMER_QUANTUM);
     let text = match std::fs::read_to_string(&target) {
@@ -129,6 +130,11 @@ pub fn read_quantum(path: &Path) -> Result<Option<u64>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("reading {}", target.display()), &e)),
     };
+    // The consumer creates the file, then writes it: a reader can see it empty for an instant.
+    // Empty means "not yet published"; only content that is not a quantum is an error.
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
     let invalid = |what: &str| Error::Protocol {
         context: target.display().to_string(),
         message: format!("invalid consumer quantum {:?}: {what}", text.trim()),
