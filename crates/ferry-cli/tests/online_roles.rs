@@ -9,6 +9,22 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Waits for a child with a deadline (a hung role fails the test instead of hanging CI).
+fn finish(mut child: std::process::Child, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = finish(child, "a consumer rank");
+            panic!("{what} did not finish within 120 s; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn checksums(path: &Path) -> Vec<(String, u64)> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -58,10 +74,13 @@ fn a_producer_and_a_consumer_process_train_every_sample_exactly_once() {
         .args(["consume", "--control", &control_arg, "--store", &store, "--dp", "2", "--batch", "2", "--accum", "2"])
         .args(["--idle-timeout", "60", "--json", "--checksums"])
         .arg(&consumed_path)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let consumer = finish(consumer, "the consumer");
     assert!(consumer.status.success(), "consumer: {}", String::from_utf8_lossy(&consumer.stderr));
-    let producer = producer.wait_with_output().unwrap();
+    let producer = finish(producer, "the producer");
     assert!(producer.status.success(), "producer: {}", String::from_utf8_lossy(&producer.stderr));
     let report: serde_json::Value = serde_json::from_slice(&producer.stdout).unwrap();
     assert_eq!(report["published"], 48);
@@ -92,8 +111,11 @@ fn a_consumer_without_a_producer_fails_at_its_idle_timeout_and_says_so() {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["consume", "--control", &control.display().to_string(), "--store", &store, "--dp", "1"])
         .args(["--idle-timeout", "0.2"])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let out = finish(out, "the consumer");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -147,10 +169,10 @@ fn consumer_ranks_can_be_separate_processes() {
         })
         .collect();
     for (rank, child) in ranks.into_iter().enumerate() {
-        let out = child.wait_with_output().unwrap();
+        let out = finish(child, "a consumer rank");
         assert!(out.status.success(), "rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = producer.wait_with_output().unwrap();
+    let out = finish(producer, "the producer");
     assert!(out.status.success(), "producer: {}", String::from_utf8_lossy(&out.stderr));
     let produced: BTreeMap<String, u64> = checksums(&control.join("produced-checksums.jsonl")).into_iter().collect();
     let mut seen = BTreeMap::new();
@@ -191,7 +213,7 @@ fn a_crashed_consumer_resumes_and_never_trains_a_durably_acknowledged_sample_aga
         std::thread::sleep(Duration::from_millis(2));
     }
     let consume = |extra: &[&str], checksums: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args([
                 "consume",
                 "--control",
@@ -211,8 +233,9 @@ fn a_crashed_consumer_resumes_and_never_trains_a_durably_acknowledged_sample_aga
             .arg(checksums)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .output()
-            .unwrap()
+            .spawn()
+            .unwrap();
+        finish(child, "a consumer attempt")
     };
     // The first attempt crashes right after the durable ack (and checkpoint) of step 3.
     let crashed = consume(&["--crash-after-step", "3"], &dir.path().join("first.jsonl"));
@@ -221,7 +244,7 @@ fn a_crashed_consumer_resumes_and_never_trains_a_durably_acknowledged_sample_aga
     assert_eq!(durable.len(), 12, "3 steps of 4 samples were durable at the crash");
     let resumed = consume(&["--resume"], &dir.path().join("second.jsonl"));
     assert!(resumed.status.success(), "resume: {}", String::from_utf8_lossy(&resumed.stderr));
-    let out = producer.wait_with_output().unwrap();
+    let out = finish(producer, "the producer");
     assert!(out.status.success(), "producer: {}", String::from_utf8_lossy(&out.stderr));
 
     let produced: BTreeMap<String, u64> = checksums(&control.join("produced-checksums.jsonl")).into_iter().collect();
@@ -281,10 +304,13 @@ fn producer_and_consumer_processes_share_a_ferry_serve_daemon() {
         .args(["--idle-timeout", "60", "--checksums"])
         .arg(&consumed_path)
         .env_remove("FERRY_AUTH_TOKEN")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let consumer = finish(consumer, "the consumer");
     assert!(consumer.status.success(), "consumer: {}", String::from_utf8_lossy(&consumer.stderr));
-    let out = producer.wait_with_output().unwrap();
+    let out = finish(producer, "the producer");
     assert!(out.status.success(), "producer: {}", String::from_utf8_lossy(&out.stderr));
     let produced: BTreeMap<String, u64> = checksums(&control.join("produced-checksums.jsonl")).into_iter().collect();
     let consumed = checksums(&consumed_path);
