@@ -7,19 +7,18 @@
 
 use crate::args::DemoArgs;
 use crate::measure::{self, CacheFlush, fmt_bytes, fmt_gbps};
-use crate::online::{Reader, Synthetic, sample_index, synthetic_prompts};
+use crate::online::{Synthetic, run_one_rank, sample_index, synthetic_prompts};
 use crate::sample::{Eagle3Shape, Sample};
 use anyhow::{Context, Result, bail};
-use ferry_control::collective::{Collective, LocalGroup};
+use ferry_control::collective::LocalGroup;
 use ferry_control::flow::FlowControlLimits;
-use ferry_control::online::{ConsumerConfig, agree_on_rank0_setup, run_rank_with};
+use ferry_control::online::ConsumerConfig;
 use ferry_control::producer::{ProducerConfig, run_producer};
 use ferry_net::{Client, DaemonConfig};
 use ferry_store::{FeatureStoreApi, StoreOptions};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -117,36 +116,12 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         poll: Duration::from_millis(1),
     };
     let trained: Arc<Mutex<Vec<(String, u64)>>> = Arc::new(Mutex::new(Vec::new()));
-    let trained_count = Arc::new(AtomicU64::new(0));
     let mut ranks = Vec::new();
     for group in LocalGroup::new(DP, Duration::from_secs(120)) {
-        let (config, trained, count) = (consumer_config.clone(), Arc::clone(&trained), Arc::clone(&trained_count));
+        let (config, trained) = (consumer_config.clone(), Arc::clone(&trained));
         let store = connect()?;
-        ranks.push(std::thread::spawn(move || -> ferry_core::Result<()> {
-            let group: Arc<dyn Collective> = Arc::new(group);
-            let rank0 = agree_on_rank0_setup(&config, group.as_ref(), Some(Arc::clone(&store)))?;
-            let distributor = rank0.as_ref().map(|r| r.distributor.start()).transpose()?;
-            let source = Arc::clone(&store);
-            let mut reader = Reader::default();
-            let result = run_rank_with(
-                &config,
-                group,
-                rank0.as_ref(),
-                Some(store),
-                |step| {
-                    for r in step.iter().flatten() {
-                        let sum = reader.read(source.as_ref(), r)?;
-                        trained.lock().unwrap_or_else(|p| p.into_inner()).push((r.sample_id.to_string(), sum));
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(())
-                },
-                |_| Ok(()),
-            );
-            if let Some(d) = distributor {
-                let _ = d.stop();
-            }
-            result.map(|_| ())
+        ranks.push(std::thread::spawn(move || {
+            run_one_rank(&config, Arc::new(group), store, &trained, None, None).map(|_| ())
         }));
     }
 
@@ -157,7 +132,7 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     while !ranks.iter().all(std::thread::JoinHandle::is_finished) {
-        bar.set_position(trained_count.load(Ordering::Relaxed));
+        bar.set_position(trained.lock().unwrap_or_else(|p| p.into_inner()).len() as u64);
         bar.set_message(format!("resident {}", fmt_bytes(daemon.store().health().resident_bytes)));
         std::thread::sleep(Duration::from_millis(50));
     }

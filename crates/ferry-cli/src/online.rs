@@ -250,7 +250,7 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
         let store = open_any(&args.store)?;
         let crash_after = args.crash_after_step;
         threads.push(std::thread::spawn(move || {
-            run_one_rank(&config, group, store, &trained, &checkpoint_path, crash_after)
+            run_one_rank(&config, group, store, &trained, Some(&checkpoint_path), crash_after)
         }));
     }
     let mut steps = 0;
@@ -284,13 +284,14 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
 }
 
 /// One consumer rank: setup agreement, the distributor on rank 0, optimizer steps that read
-/// and checksum every sample, the checkpoint after each durable ack (rank 0).
-fn run_one_rank(
+/// and checksum every sample (recorded in `trained`), and on rank 0 the checkpoint after each
+/// durable ack (when a path is given).
+pub(crate) fn run_one_rank(
     config: &ConsumerConfig,
     group: Arc<dyn Collective>,
     store: Arc<dyn FeatureStoreApi>,
     trained: &Mutex<Vec<(String, u64)>>,
-    checkpoint_path: &Path,
+    checkpoint_path: Option<&Path>,
     crash_after: Option<i64>,
 ) -> ferry_core::Result<(u64, u64)> {
     let rank = group.rank();
@@ -311,8 +312,10 @@ fn run_one_rank(
             Ok(())
         },
         |step| {
-            if rank == 0 {
-                save_checkpoint(checkpoint_path, step)?;
+            if rank == 0
+                && let Some(path) = checkpoint_path
+            {
+                save_checkpoint(path, step)?;
                 if crash_after == Some(step) {
                     // A crash, as a test injects it: no cleanup, no sentinel.
                     std::process::abort();

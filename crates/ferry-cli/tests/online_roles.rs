@@ -25,6 +25,20 @@ fn finish(mut child: std::process::Child, what: &str) -> std::process::Output {
     }
 }
 
+/// Starts `ferry produce` (configured by `configure`) and waits until it claimed the fresh
+/// channel, so that a consumer started next never meets an unclaimed control directory.
+fn start_producer(control: &Path, configure: impl FnOnce(&mut Command)) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    configure(&mut cmd);
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !control.join("refs.jsonl.producer_claim").exists() {
+        assert!(Instant::now() < deadline, "the producer never claimed the channel");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child
+}
+
 fn checksums(path: &Path) -> Vec<(String, u64)> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -55,20 +69,13 @@ fn a_producer_and_a_consumer_process_train_every_sample_exactly_once() {
     let control = dir.path().join("control");
     let store = format!("dir://{}", dir.path().join("store").display());
     let control_arg = control.display().to_string();
-    let producer = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["produce", "--control", &control_arg, "--store", &store, "--samples", "24", "--epochs", "2"])
-        .args(["--seq-len", "32", "--hidden", "32", "--workers", "2", "--lease", "3"])
-        .args(["--high-watermark", "8", "--peer-timeout", "60", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The consumer starts after the producer claimed the fresh channel.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !control.join("refs.jsonl.producer_claim").exists() {
-        assert!(Instant::now() < deadline, "the producer never claimed the channel");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let producer = start_producer(&control, |cmd| {
+        cmd.args(["produce", "--control", &control_arg, "--store", &store, "--samples", "24", "--epochs", "2"])
+            .args(["--seq-len", "32", "--hidden", "32", "--workers", "2", "--lease", "3"])
+            .args(["--high-watermark", "8", "--peer-timeout", "60", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    });
     let consumed_path = dir.path().join("consumed.jsonl");
     let consumer = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["consume", "--control", &control_arg, "--store", &store, "--dp", "2", "--batch", "2", "--accum", "2"])
@@ -131,18 +138,12 @@ fn consumer_ranks_can_be_separate_processes() {
     let control = dir.path().join("control");
     let control_arg = control.display().to_string();
     let store = format!("dir://{}", dir.path().join("store").display());
-    let producer = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["produce", "--control", &control_arg, "--store", &store, "--samples", "16"])
-        .args(["--seq-len", "16", "--hidden", "16", "--high-watermark", "8", "--peer-timeout", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !control.join("refs.jsonl.producer_claim").exists() {
-        assert!(Instant::now() < deadline, "the producer never claimed the channel");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let producer = start_producer(&control, |cmd| {
+        cmd.args(["produce", "--control", &control_arg, "--store", &store, "--samples", "16"])
+            .args(["--seq-len", "16", "--hidden", "16", "--high-watermark", "8", "--peer-timeout", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+    });
     let group = format!("unix://{}", dir.path().join("group.sock").display());
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
@@ -200,18 +201,12 @@ fn a_crashed_consumer_resumes_and_never_trains_a_durably_acknowledged_sample_aga
     let control = dir.path().join("control");
     let control_arg = control.display().to_string();
     let store = format!("dir://{}", dir.path().join("store").display());
-    let producer = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["produce", "--control", &control_arg, "--store", &store, "--samples", "32"])
-        .args(["--seq-len", "16", "--hidden", "16", "--high-watermark", "8", "--peer-timeout", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !control.join("refs.jsonl.producer_claim").exists() {
-        assert!(Instant::now() < deadline, "the producer never claimed the channel");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let producer = start_producer(&control, |cmd| {
+        cmd.args(["produce", "--control", &control_arg, "--store", &store, "--samples", "32"])
+            .args(["--seq-len", "16", "--hidden", "16", "--high-watermark", "8", "--peer-timeout", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+    });
     let consume = |extra: &[&str], checksums: &Path| {
         let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args([
@@ -285,19 +280,13 @@ fn producer_and_consumer_processes_share_a_ferry_serve_daemon() {
     let uri = format!("ferry+unix://{}", socket.display());
     let control = dir.path().join("control");
     let control_arg = control.display().to_string();
-    let producer = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["produce", "--control", &control_arg, "--store", &uri, "--samples", "16"])
-        .args(["--seq-len", "64", "--hidden", "64", "--high-watermark", "8", "--peer-timeout", "60"])
-        .env_remove("FERRY_AUTH_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !control.join("refs.jsonl.producer_claim").exists() {
-        assert!(Instant::now() < deadline, "the producer never claimed the channel");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let producer = start_producer(&control, |cmd| {
+        cmd.args(["produce", "--control", &control_arg, "--store", &uri, "--samples", "16"])
+            .args(["--seq-len", "64", "--hidden", "64", "--high-watermark", "8", "--peer-timeout", "60"])
+            .env_remove("FERRY_AUTH_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+    });
     let consumed_path = dir.path().join("consumed.jsonl");
     let consumer = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["consume", "--control", &control_arg, "--store", &uri, "--dp", "2", "--batch", "2", "--accum", "2"])
