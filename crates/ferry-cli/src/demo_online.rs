@@ -133,7 +133,13 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
     );
     while !ranks.iter().all(std::thread::JoinHandle::is_finished) {
         bar.set_position(trained.lock().unwrap_or_else(|p| p.into_inner()).len() as u64);
-        bar.set_message(format!("resident {}", fmt_bytes(daemon.store().health().resident_bytes)));
+        let health = daemon.store().health();
+        bar.set_message(format!(
+            "in the daemon: {} samples, {} ({} leased)",
+            health.resident_samples,
+            fmt_bytes(health.resident_bytes),
+            health.active_leases
+        ));
         std::thread::sleep(Duration::from_millis(50));
     }
     bar.finish_and_clear();
