@@ -219,7 +219,7 @@ fn unix_ping_pong_us() -> Result<(f64, f64)> {
     drop(near);
     echo.join().map_err(|_| anyhow::anyhow!("the ping-pong thread panicked"))??;
     lat.sort();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    let pct = |p: f64| percentile_us(&lat, p);
     Ok((pct(0.5), pct(0.99)))
 }
 
@@ -321,7 +321,7 @@ pub(crate) fn client(args: TransferClientArgs, out: &mut dyn Write) -> Result<()
         }
     }
     lat.sort();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    let pct = |p: f64| percentile_us(&lat, p);
 
     // The same small gets pipelined: batches of PIPELINED_BATCH, the time per sample.
     let mut per_sample = Vec::with_capacity(PIPELINED_ROUNDS);
@@ -355,4 +355,10 @@ pub(crate) fn client(args: TransferClientArgs, out: &mut dyn Write) -> Result<()
     });
     writeln!(out, "{report}")?;
     Ok(())
+}
+
+/// The `p` quantile (0..=1) of sorted latencies, in microseconds (0 for none).
+fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else { return 0.0 };
+    sorted[(last as f64 * p) as usize].as_secs_f64() * 1e6
 }

@@ -157,10 +157,10 @@ impl Collective for LocalGroup {
             if now >= deadline {
                 let arrived = round.arrived;
                 round.arrived -= 1;
-                return Err(Error::Timeout {
-                    what: format!("a collective round ({arrived} of {} ranks arrived)", shared.world),
-                    waited_ms: u64::try_from(shared.timeout.as_millis()).unwrap_or(u64::MAX),
-                });
+                return Err(Error::timeout(
+                    format!("a collective round ({arrived} of {} ranks arrived)", shared.world),
+                    shared.timeout,
+                ));
             }
             round = shared.done.wait_timeout(round, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
@@ -301,14 +301,10 @@ impl SocketGroup {
             let mut joined = 0;
             while joined + 1 < world {
                 let Some(mut conn) = accept(deadline).map_err(|e| io("accepting", e))? else {
-                    return Err(Error::Timeout {
-                        what: format!(
-                            "{} of {} ranks to join collective group {group:?}",
-                            world - 1 - joined,
-                            world - 1
-                        ),
-                        waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                    });
+                    return Err(Error::timeout(
+                        format!("{} of {} ranks to join collective group {group:?}", world - 1 - joined, world - 1),
+                        timeout,
+                    ));
                 };
                 // A stray or malformed connection is skipped, never fatal to the rendezvous.
                 let hello = conn
@@ -477,14 +473,14 @@ impl Collective for SocketGroup {
                 // Closing our side makes every peer's round fail too, instead of hanging.
                 *guard = None;
                 if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
-                    return Err(Error::Timeout {
-                        what: format!(
+                    return Err(Error::timeout(
+                        format!(
                             "a collective round on rank {} (a rank did not reach the same optimizer boundary: every \
                              rank must ack at every boundary; or raise the group timeout)",
                             self.rank
                         ),
-                        waited_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
-                    });
+                        self.timeout,
+                    ));
                 }
                 Err(Error::io(format!("collective all-gather on rank {}", self.rank), &e))
             }

@@ -311,7 +311,11 @@ impl DataFlowController {
     /// fresh ones: they clear their prompt task and, with a staging queue, are staged for
     /// training. Freshness comes from the ledger's answer only.
     pub fn commit_samples(&self, worker: &str, refs: &[SampleRef]) -> Result<Vec<SampleRef>> {
-        let flags = self.commit_flags(worker, refs)?;
+        if refs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let flags = self.ledger.commit_samples(refs)?;
+        self.settle_commit(worker, &flags, refs.iter().map(|r| r.source_task_id.as_deref()))?;
         let fresh: Vec<SampleRef> =
             refs.iter().zip(&flags).filter(|(_, fresh)| **fresh).map(|(r, _)| r.clone()).collect();
         if let Some(queue) = &self.queue {
@@ -320,73 +324,48 @@ impl DataFlowController {
         Ok(fresh)
     }
 
-    /// [`DataFlowController::commit_samples`] that takes the refs and moves the fresh ones into
-    /// the staging queue without copying them; returns one freshness flag per ref. The
-    /// distributor's hot path.
-    pub fn commit_owned(&self, worker: &str, refs: Vec<SampleRef>) -> Result<Vec<bool>> {
-        let flags = self.commit_flags(worker, &refs)?;
-        if let Some(queue) = &self.queue {
-            queue.put(refs.into_iter().zip(&flags).filter(|(_, fresh)| **fresh).map(|(r, _)| r));
-        }
-        Ok(flags)
-    }
-
-    /// [`DataFlowController::commit_owned`] for channel records: the ledger stores each
-    /// record's spaced JSON and the fresh records are staged as they are; no ref is built (the
-    /// distributor's path).
+    /// [`DataFlowController::commit_samples`] for channel records: the ledger stores each
+    /// record's spaced JSON and the fresh records are staged as they are, so no ref is built
+    /// (the distributor's path). Returns one freshness flag per record.
     pub fn commit_records(&self, worker: &str, records: Vec<RefRecord>) -> Result<Vec<bool>> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
         let rows = records.iter().map(|r| Ok((r.sample_id.clone(), r.spaced_json()?))).collect::<Result<Vec<_>>>()?;
         let flags = self.ledger.commit_records(&rows)?;
-        if flags.len() != records.len() {
-            return Err(Error::Protocol {
-                context: format!("controller {}", self.options.run_id),
-                message: format!("the ledger returned {} freshness flags for {} records", flags.len(), records.len()),
-            });
-        }
-        {
-            let mut state = self.lock();
-            for (r, _) in records.iter().zip(&flags).filter(|(_, f)| **f) {
-                if let Some(task) = &r.source_task_id {
-                    state.leased.remove(task);
-                    state.pending.shift_remove(task);
-                    state.tasks.remove(task);
-                }
-            }
-        }
+        self.settle_commit(worker, &flags, records.iter().map(|r| r.source_task_id.as_deref()))?;
         if let Some(queue) = &self.queue {
             queue.put_records(records.into_iter().zip(&flags).filter(|(_, fresh)| **fresh).map(|(r, _)| r));
         }
-        tracing::debug!(worker, committed = flags.len(), "records committed");
         Ok(flags)
     }
 
-    /// Commits through the ledger and clears the prompt tasks of the fresh refs.
-    fn commit_flags(&self, worker: &str, refs: &[SampleRef]) -> Result<Vec<bool>> {
-        if refs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let flags = self.ledger.commit_samples(refs)?;
-        if flags.len() != refs.len() {
+    /// After a ledger commit: checks it answered once per ref and clears the prompt task of
+    /// every fresh one (`tasks` gives each ref's task, in order).
+    fn settle_commit<'a>(
+        &self,
+        worker: &str,
+        flags: &[bool],
+        tasks: impl ExactSizeIterator<Item = Option<&'a str>>,
+    ) -> Result<()> {
+        if flags.len() != tasks.len() {
             return Err(Error::Protocol {
                 context: format!("controller {}", self.options.run_id),
-                message: format!("the ledger returned {} freshness flags for {} refs", flags.len(), refs.len()),
+                message: format!("the ledger returned {} freshness flags for {} refs", flags.len(), tasks.len()),
             });
         }
         let mut state = self.lock();
         let mut fresh = 0usize;
-        for (r, _) in refs.iter().zip(&flags).filter(|(_, f)| **f) {
+        for (task, _) in tasks.zip(flags).filter(|(_, f)| **f) {
             fresh += 1;
-            if let Some(task) = &r.source_task_id {
+            if let Some(task) = task {
                 state.leased.remove(task);
                 state.pending.shift_remove(task);
                 state.tasks.remove(task);
             }
         }
-        tracing::debug!(worker, committed = refs.len(), fresh, "samples committed");
-        Ok(flags)
+        tracing::debug!(worker, committed = flags.len(), fresh, "samples committed");
+        Ok(())
     }
 
     /// Records the trainer's acknowledgement of `ids` in the ledger (with the marker), then

@@ -463,15 +463,15 @@ impl RefDistributor {
             if let Some(limit) = self.options.idle_timeout
                 && idle >= limit
             {
-                return Err(Error::Timeout {
-                    what: format!(
+                return Err(Error::timeout(
+                    format!(
                         "refs from {}: ref-distributor saw none for {:.1} s and the source channel is still open \
                          (producer dead?)",
                         self.source.describe(),
                         idle.as_secs_f64()
                     ),
-                    waited_ms: u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
-                });
+                    idle,
+                ));
             }
             if self.options.idle_timeout.is_some() {
                 clock.sleep(self.options.poll);

@@ -143,7 +143,11 @@ pub fn epoch_plan(prompts: &[JsonMap], epochs: u32, seed: u64) -> Vec<JsonMap> {
             let mut prompt = prompts[index].clone();
             if epochs > 1 {
                 let base = prompt.get("task_id").and_then(Value::as_str).map(str::to_owned);
-                prompt.insert("task_id".into(), Value::from(format!("epoch{epoch:04}-prompt{index:012}")));
+                // A map without a payload is all payload (as the controller reads it).
+                if !prompt.contains_key("payload") {
+                    let whole = std::mem::take(&mut prompt);
+                    prompt.insert("payload".into(), Value::Object(whole));
+                }
                 let mut meta = match prompt.remove("metadata") {
                     Some(Value::Object(m)) => m,
                     _ => JsonMap::new(),
@@ -152,16 +156,7 @@ pub fn epoch_plan(prompts: &[JsonMap], epochs: u32, seed: u64) -> Vec<JsonMap> {
                 meta.insert("prompt_index".into(), Value::from(index));
                 meta.insert("epoch".into(), Value::from(epoch));
                 meta.insert("prompt_epochs".into(), Value::from(epochs));
-                if !prompt.contains_key("payload") {
-                    let whole = std::mem::take(&mut prompt);
-                    prompt.insert("payload".into(), Value::Object(whole));
-                    if let Some(id) = prompt["payload"].get("task_id").cloned() {
-                        prompt.insert("task_id".into(), id);
-                    }
-                    if let Some(Value::Object(payload)) = prompt.get_mut("payload") {
-                        payload.remove("task_id");
-                    }
-                }
+                prompt.insert("task_id".into(), Value::from(format!("epoch{epoch:04}-prompt{index:012}")));
                 prompt.insert("metadata".into(), Value::Object(meta));
             }
             plan.push(prompt);
@@ -349,10 +344,10 @@ fn wait_for_quantum(config: &ProducerConfig, channel: &FileRefChannel) -> Result
         if let Some(limit) = config.peer_timeout
             && started.elapsed() >= limit
         {
-            return Err(Error::Timeout {
-                what: format!("the consumer's quantum on {} (is a consumer running?)", channel.path().display()),
-                waited_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-            });
+            return Err(Error::timeout(
+                format!("the consumer's quantum on {} (is a consumer running?)", channel.path().display()),
+                limit,
+            ));
         }
         std::thread::sleep(config.poll);
     }
@@ -395,13 +390,13 @@ fn capture_loop(
             if let Some(limit) = config.peer_timeout
                 && since.elapsed() >= limit
             {
-                return Err(Error::Timeout {
-                    what: format!(
+                return Err(Error::timeout(
+                    format!(
                         "the consumer to drain {} (in flight {in_flight}, {bytes} bytes)",
                         channel.path().display()
                     ),
-                    waited_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-                });
+                    limit,
+                ));
             }
             std::thread::sleep(config.poll);
             continue;
@@ -496,10 +491,7 @@ fn wait_for_consumer(config: &ProducerConfig, channel: &FileRefChannel) -> Resul
         if let Some(limit) = config.peer_timeout
             && started.elapsed() >= limit
         {
-            return Err(Error::Timeout {
-                what: format!("the consumer to finish with {}", channel.path().display()),
-                waited_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-            });
+            return Err(Error::timeout(format!("the consumer to finish with {}", channel.path().display()), limit));
         }
         std::thread::sleep(config.poll);
     }

@@ -16,7 +16,7 @@
 
 use crate::queue::RefQueue;
 use crate::record::RefRecord;
-use ferry_core::{Result, SampleId, SampleRef};
+use ferry_core::{Error, Result, SampleId, SampleRef};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -29,11 +29,30 @@ enum Staged {
     Record(RefRecord),
 }
 
+/// A staged item that could not be converted, with why.
+type Unconverted = Box<(Error, Staged)>;
+
 impl Staged {
     fn id(&self) -> &SampleId {
         match self {
             Staged::Ref(r) => &r.sample_id,
             Staged::Record(r) => &r.sample_id,
+        }
+    }
+
+    /// As a ref (a record is parsed).
+    fn into_ref(self) -> std::result::Result<SampleRef, Unconverted> {
+        match self {
+            Staged::Ref(r) => Ok(*r),
+            Staged::Record(record) => record.to_ref().map_err(|e| Box::new((e, Staged::Record(record)))),
+        }
+    }
+
+    /// As a record (a ref is serialized).
+    fn into_record(self) -> std::result::Result<RefRecord, Unconverted> {
+        match self {
+            Staged::Record(record) => Ok(record),
+            Staged::Ref(r) => RefRecord::from_ref(&r).map_err(|e| Box::new((e, Staged::Ref(r)))),
         }
     }
 }
@@ -106,6 +125,35 @@ struct QueueState {
     leased: Leased,
 }
 
+impl QueueState {
+    /// Leases up to `max` pending items, oldest first, as `convert` makes them. An item it
+    /// cannot convert goes back to the front and ends the lease; its error is returned only
+    /// when nothing was leased (the items before it are returned first).
+    fn lease<T>(
+        &mut self,
+        max: usize,
+        convert: impl Fn(Staged) -> std::result::Result<T, Unconverted>,
+        id: impl Fn(&T) -> &SampleId,
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(max.min(self.pending.refs.len()));
+        while out.len() < max {
+            let Some(item) = self.pending.pop_front() else { break };
+            match convert(item) {
+                Ok(item) => {
+                    self.leased.insert(id(&item).clone());
+                    out.push(item);
+                }
+                Err(failed) => {
+                    let (e, item) = *failed;
+                    self.pending.push_front(item);
+                    return if out.is_empty() { Err(e) } else { Ok(out) };
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The in-process staging queue. Thread-safe; share it as `Arc<SampleRefQueue>` (or as an
 /// `Arc<dyn RefQueue>` for the loader).
 #[derive(Debug, Default)]
@@ -160,24 +208,7 @@ impl SampleRefQueue {
     /// Leases up to `max` pending refs as channel records, oldest first, without waiting (the
     /// distributor's path; refs staged as refs are serialized).
     pub fn get_records(&self, max: usize) -> Result<Vec<RefRecord>> {
-        let mut state = self.lock();
-        let mut out = Vec::with_capacity(max.min(state.pending.refs.len()));
-        while out.len() < max {
-            let Some(item) = state.pending.pop_front() else { break };
-            let record = match item {
-                Staged::Record(record) => record,
-                Staged::Ref(r) => match RefRecord::from_ref(&r) {
-                    Ok(record) => record,
-                    Err(e) => {
-                        state.pending.push_front(Staged::Ref(r));
-                        return if out.is_empty() { Err(e) } else { Ok(out) };
-                    }
-                },
-            };
-            state.leased.insert(record.sample_id.clone());
-            out.push(record);
-        }
-        Ok(out)
+        self.lock().lease(max, Staged::into_record, |r| &r.sample_id)
     }
 
     /// Settles leased ids terminally (the refs are gone); ids not leased are ignored.
@@ -219,23 +250,7 @@ impl RefQueue for SampleRefQueue {
             }
             state = self.refs_added.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
         }
-        let mut leased = Vec::with_capacity(max.min(state.pending.refs.len()));
-        while leased.len() < max {
-            let Some(item) = state.pending.pop_front() else { break };
-            let r = match item {
-                Staged::Ref(r) => *r,
-                Staged::Record(record) => match record.to_ref() {
-                    Ok(r) => r,
-                    Err(e) => {
-                        state.pending.push_front(Staged::Record(record));
-                        return if leased.is_empty() { Err(e) } else { Ok(leased) };
-                    }
-                },
-            };
-            state.leased.insert(r.sample_id.clone());
-            leased.push(r);
-        }
-        Ok(leased)
+        state.lease(max, Staged::into_ref, |r| &r.sample_id)
     }
 
     /// Forgets the leased ids; ids not leased are ignored.

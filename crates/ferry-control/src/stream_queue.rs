@@ -120,15 +120,15 @@ impl StreamingRefQueue {
             if let Some(limit) = self.options.idle_timeout
                 && idle >= limit
             {
-                return Err(Error::Timeout {
-                    what: format!(
+                return Err(Error::timeout(
+                    format!(
                         "refs on StreamingRefQueue {}: idle {:.1} s with the channel still open ({} dead?)",
                         self.source.describe(),
                         idle.as_secs_f64(),
                         self.source.upstream()
                     ),
-                    waited_ms: u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
-                });
+                    idle,
+                ));
             }
             if let Some(interval) = self.options.wait_log_interval
                 && last_log.elapsed() >= interval

@@ -580,17 +580,22 @@ fn child_appends_specforge_bytes() {
     std::fs::write(format!("{path}.closed"), "").unwrap();
 }
 
+/// Starts [`child_appends_specforge_bytes`] in another process on the channel at `path`.
+fn spawn_appender(path: &Path, rounds: usize) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_appends_specforge_bytes", "--nocapture"])
+        .env("FERRY_CHANNEL_CHILD", path)
+        .env("FERRY_CHANNEL_ROUNDS", rounds.to_string())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn a_ferry_consumer_reads_specforge_bytes_another_process_is_appending() {
     let dir = tempfile::tempdir().unwrap();
     let path = channel_in(&dir);
     let rounds = 40;
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_appends_specforge_bytes", "--nocapture"])
-        .env("FERRY_CHANNEL_CHILD", &path)
-        .env("FERRY_CHANNEL_ROUNDS", rounds.to_string())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_appender(&path, rounds);
     let queue = StreamingRefQueue::new(
         Arc::new(FileRefChannel::open(&path)),
         StreamQueueOptions {
@@ -663,12 +668,7 @@ fn a_ferry_distributor_consumes_specforge_bytes_another_process_is_appending() {
     let dir = tempfile::tempdir().unwrap();
     let path = channel_in(&dir);
     let rounds = 30;
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_appends_specforge_bytes", "--nocapture"])
-        .env("FERRY_CHANNEL_CHILD", &path)
-        .env("FERRY_CHANNEL_ROUNDS", rounds.to_string())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_appender(&path, rounds);
     let ledger = Arc::new(SqliteLedger::open_fresh(dir.path().join("consumer.sqlite")).unwrap());
     let controller = Arc::new(DataFlowController::new(ControllerOptions::new("run0"), ledger));
     let inboxes: Vec<Arc<dyn RefSink>> =

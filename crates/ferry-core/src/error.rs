@@ -362,6 +362,11 @@ impl Error {
         Error::Io { context: context.into(), kind: err.kind(), message: err.to_string() }
     }
 
+    /// A wait for `what` that ran `waited` past its deadline.
+    pub fn timeout(what: impl Into<String>, waited: std::time::Duration) -> Self {
+        Error::Timeout { what: what.into(), waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX) }
+    }
+
     /// `true` for the errors SpecForge raises as `KeyError`: the sample or object is not there
     /// (not found, stale ref, use-after-free, short read).
     pub fn is_not_available(&self) -> bool {

@@ -159,13 +159,13 @@ impl Prefetcher {
                 Ok(()) => self.running -= 1,
                 Err(RecvTimeoutError::Disconnected) => self.running = 0,
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(Error::Timeout {
-                        what: format!(
+                    return Err(Error::timeout(
+                        format!(
                             "{} feature-loader worker(s) to stop (each is inside a store read or a transform)",
                             self.running
                         ),
-                        waited_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    });
+                        start.elapsed(),
+                    ));
                 }
             }
         }

@@ -637,12 +637,12 @@ impl Prefetch {
             while !state.worker_done {
                 let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                     let ids = id_list(state.outstanding.iter().map(|o| o.r.sample_id.clone()));
-                    return Err(Error::Timeout {
-                        what: format!(
+                    return Err(Error::timeout(
+                        format!(
                             "the {PREFETCH_THREAD} thread to stop (it did not stop within {timeout:?}, still inside a store read or a transform; outstanding_refs=[{ids}]); close again to complete the shutdown"
                         ),
-                        waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    });
+                        started.elapsed(),
+                    ));
                 };
                 state = self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
             }

@@ -57,7 +57,6 @@ pub struct FileRefChannel {
     writer: Mutex<Writer>,
     reader: Mutex<Reader>,
     consumed: Mutex<u64>,
-    sync_appends: bool,
 }
 
 #[derive(Debug, Default)]
@@ -117,16 +116,7 @@ impl FileRefChannel {
             writer: Mutex::new(Writer::default()),
             reader: Mutex::new(Reader::default()),
             consumed: Mutex::new(0),
-            sync_appends: true,
         }
-    }
-
-    /// Whether appends are made durable with fsync (the default). Turning it off suits a
-    /// channel that is rebuilt after a crash anyway, on a local filesystem only: on NFS a write
-    /// error may surface only at fsync (or at a close whose error is not seen).
-    pub fn with_sync(mut self, sync_appends: bool) -> FileRefChannel {
-        self.sync_appends = sync_appends;
-        self
     }
 
     /// The channel file.
@@ -216,9 +206,6 @@ impl FileRefChannel {
             let boundary = counted.checked_sub(1).map_or(0, |i| record_ends[i]);
             writer.torn = written > boundary;
             return result;
-        }
-        if !self.sync_appends {
-            return Ok(());
         }
         // The records are published; a failed fsync is still reported.
         file.sync().map_err(|e| Error::io(format!("fsync of ref channel {}", self.path.display()), &e))

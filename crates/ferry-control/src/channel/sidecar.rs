@@ -59,14 +59,9 @@ pub fn read_failure(path: &Path, suffix: &str) -> Result<Option<String>> {
 
 /// The consumed counter: missing, empty or unparsable reads as 0 (as SpecForge reads it).
 pub fn read_counter(path: &Path) -> Result<u64> {
-    let target = sidecar(path, CONSUMED_COUNT);
-    match std::fs::read_to_string(&target) {
-        Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-        // A counter being renamed over can vanish for an instant on some filesystems; a
-        // non-UTF-8 counter is unparsable: both read as SpecForge reads them.
-        Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(0),
-        Err(e) => Err(Error::io(format!("reading {}", target.display()), &e)),
+    match read_counter_strict(path) {
+        Err(Error::Corrupt { .. }) => Ok(0),
+        other => other,
     }
 }
 
@@ -81,6 +76,10 @@ pub fn read_counter_strict(path: &Path) -> Result<u64> {
             message: format!("consumed counter {:?} is not a number; fix or remove it before resuming", text.trim()),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(Error::Corrupt {
+            what: target.display().to_string(),
+            message: "consumed counter is not UTF-8; fix or remove it before resuming".into(),
+        }),
         Err(e) => Err(Error::io(format!("reading {}", target.display()), &e)),
     }
 }

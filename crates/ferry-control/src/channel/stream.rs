@@ -65,15 +65,15 @@ impl<'a> RefStream<'a> {
             if let Some(limit) = self.options.idle_timeout
                 && idle >= limit
             {
-                return Err(Error::Timeout {
-                    what: format!(
+                return Err(Error::timeout(
+                    format!(
                         "refs on {}: none for {:.1} s and the channel is not closed ({} dead?)",
                         self.source.describe(),
                         idle.as_secs_f64(),
                         self.source.upstream()
                     ),
-                    waited_ms: u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
-                });
+                    idle,
+                ));
             }
             self.options.clock.sleep(self.options.poll);
         }
