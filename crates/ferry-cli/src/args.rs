@@ -2,6 +2,8 @@
 //! state declaratively (ranges, choices, which flags go together); each subcommand's `Plan`
 //! does the rest.
 
+use crate::fault::Fault;
+use crate::sample::Strategy;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -37,7 +39,7 @@ pub(crate) enum Command {
     /// Run the node daemon: one shared-memory arena and one lifecycle core for every client
     /// on this node (Unix socket, shared memory) and across nodes (TCP).
     Serve(ServeArgs),
-    /// The online producer: synthetic EAGLE3 capture into a store, refs published on the
+    /// The online producer: synthetic EAGLE3 or DFlash capture into a store, refs published on the
     /// control directory's channel under the consumer's backpressure.
     Produce(ProduceArgs),
     /// The online consumer: rank 0's distributor and SQLite ledger, `--dp` ranks (threads)
@@ -45,6 +47,9 @@ pub(crate) enum Command {
     Consume(ConsumeArgs),
     /// Print a daemon's health map.
     Status(StatusArgs),
+    /// Write synthetic samples as an offline feature dump (SpecForge's layout, one `.ckpt` per
+    /// sample), the same bytes `ferry produce` puts for the same seed, with their checksums.
+    Synth(SynthArgs),
 }
 
 /// `ferry serve`.
@@ -139,9 +144,19 @@ pub(crate) struct DemoArgs {
     /// Tokens per sample (L).
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub(crate) seq_len: u64,
-    /// Target hidden size (H); hidden_state is (1, L, 3H), target (1, L, H).
+    /// Shortest sequence: each sample's L is drawn from [min, --seq-len] by its index
+    /// (default: --seq-len, every sample the same length).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub(crate) min_seq_len: Option<u64>,
+    /// Target hidden size (H); EAGLE3's hidden_state is (1, L, 3H), target (1, L, H).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 16))]
     pub(crate) hidden: u64,
+    /// The draft strategy whose sample layout to generate.
+    #[arg(long, value_enum, default_value_t = Strategy::Eagle3)]
+    pub(crate) strategy: Strategy,
+    /// DFlash's target capture layers K: hidden_states is (1, L, K·H) (default 5).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub(crate) layers: Option<u64>,
     /// Passes over the samples per store; the first pays first-touch page faults, later ones
     /// show the steady state with pooled buffers.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=100))]
@@ -282,17 +297,29 @@ pub(crate) struct IngestArgs {
     /// A feature file or a directory of them (searched recursively, in lexicographic order).
     #[arg(value_name = "PATH")]
     pub(crate) input: PathBuf,
-    /// The store to copy into, e.g. `dir:///mnt/shared/features` (append `?format=safetensors`
-    /// to write safetensors instead of PyTorch zip).
+    /// The store to copy into: a shared directory, e.g. `dir:///mnt/shared/features` (append
+    /// `?format=safetensors` to write safetensors instead of PyTorch zip), or a `ferry serve`
+    /// daemon (`ferry://host:port`, `ferry+unix:///path/to.sock`).
     #[arg(long, value_name = "URI")]
     pub(crate) store: String,
     /// Where to write the manifest; its sentinels (`.producer_claim`, `.done`, `.failed`) go
-    /// beside it.
+    /// beside it, and a holding ingest waits for the consumer's `.consumed` there.
     #[arg(long, value_name = "PATH")]
     pub(crate) manifest: PathBuf,
-    /// Store id (namespace inside the store); default: the run id.
+    /// Store id (namespace inside a `dir://` store); default: the run id. A daemon's store id
+    /// is its own (`ferry serve --store-id`).
     #[arg(long)]
     pub(crate) store_id: Option<String>,
+    /// After `.done`, keep running until the consumer writes `<manifest>.consumed`, then free
+    /// every ingested sample (`.consumer_failed`, the timeout or Ctrl-C free them too, and
+    /// fail). `auto`: hold for a daemon, whose memory keeps the samples until someone frees
+    /// them; not for `dir://`, whose files persist.
+    #[arg(long, value_enum, default_value_t = HoldMode::Auto)]
+    pub(crate) hold: HoldMode,
+    /// Stop holding after this many seconds (a positive number), failing the attempt; default:
+    /// wait without bound.
+    #[arg(long, value_name = "SECONDS")]
+    pub(crate) hold_timeout: Option<f64>,
     /// Draft strategy; chooses the raw keys each file must hold.
     #[arg(long, default_value = "eagle3")]
     pub(crate) strategy: String,
@@ -311,6 +338,21 @@ pub(crate) struct IngestArgs {
     /// Worker threads (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub(crate) workers: Option<u16>,
+    /// Fault injection for tests (`crate::fault`): crash (abort, no cleanup, no sentinel) at
+    /// `put:N` or `cleanup`.
+    #[arg(long, hide = true, value_name = "POINT", value_parser = Fault::parse)]
+    pub(crate) fault: Option<Fault>,
+}
+
+/// `ferry ingest --hold`: whether ingest waits for the consumer, then frees the samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum HoldMode {
+    /// Hold for a daemon store, not for a shared directory.
+    Auto,
+    /// Always hold.
+    Always,
+    /// Never hold: exit after `.done`, leaving the samples in the store.
+    Never,
 }
 
 /// `ferry produce`.
@@ -332,12 +374,22 @@ pub(crate) struct ProduceArgs {
     /// Seed of the prompt order and the synthetic features.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
-    /// Tokens per sample.
+    /// Tokens per sample (the longest, with --min-seq-len).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub(crate) seq_len: u64,
+    /// Shortest sequence: each sample's L is drawn from [min, --seq-len] by its index
+    /// (default: --seq-len, every sample the same length).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) min_seq_len: Option<u64>,
     /// Target hidden size.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub(crate) hidden: u64,
+    /// The draft strategy whose sample layout to generate.
+    #[arg(long, value_enum, default_value_t = Strategy::Eagle3)]
+    pub(crate) strategy: Strategy,
+    /// DFlash's target capture layers K: hidden_states is (1, L, K·H) (default 5).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub(crate) layers: Option<u64>,
     /// Capture workers.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub(crate) workers: u64,
@@ -353,23 +405,59 @@ pub(crate) struct ProduceArgs {
     /// Give up waiting for the consumer after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub(crate) peer_timeout: f64,
+    /// Fault injection for tests (`crate::fault`): crash (abort, no cleanup, no sentinel) at
+    /// `put:N`, `publish:N` (with `--workers 1`) or `cleanup`.
+    #[arg(long, hide = true, value_name = "POINT", value_parser = Fault::parse)]
+    pub(crate) fault: Option<Fault>,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,
 }
 
-/// `ferry consume`.
+/// `ferry consume`: exactly one of `--control` (online), `--manifest` (disaggregated offline),
+/// `--files` (colocated offline).
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["control", "manifest", "files"])))]
 pub(crate) struct ConsumeArgs {
-    /// The control directory shared with the producer.
+    /// Online: the control directory shared with the producer.
     #[arg(long, value_name = "DIR")]
-    pub(crate) control: PathBuf,
+    pub(crate) control: Option<PathBuf>,
+    /// Disaggregated offline: the manifest `ferry ingest` publishes (waits for its `.done`;
+    /// writes `.consumed` when every rank is done, `.consumer_failed` if one fails).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) manifest: Option<PathBuf>,
+    /// Colocated offline: a dump of feature files (`.ckpt`, `.ckpt.gz`) read in place.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) files: Option<PathBuf>,
     /// The consumer's own state (ledger, inboxes, checkpoint); default: `<control>/consumer`.
     #[arg(long, value_name = "DIR")]
     pub(crate) state: Option<PathBuf>,
-    /// The feature store (as for `ferry produce`).
-    #[arg(long, value_name = "URI")]
-    pub(crate) store: String,
+    /// The feature store (as for `ferry produce`); for `--control` and `--manifest`.
+    #[arg(long, value_name = "URI", conflicts_with = "files")]
+    pub(crate) store: Option<String>,
+    /// The draft strategy whose collation the loader applies.
+    #[arg(long, default_value = "eagle3")]
+    pub(crate) strategy: String,
+    /// Offline: passes over the data (each DP shard reshuffled per epoch).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) epochs: u64,
+    /// Offline: the DP sampler's seed (the same on every rank).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Offline: cut samples to this many tokens (default: each ref's `max_len`).
+    #[arg(long)]
+    pub(crate) max_len: Option<u64>,
+    /// Offline: loader prefetch workers per rank (0: read on the training thread).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub(crate) workers: u64,
+    /// `--manifest`: give up waiting for the producer's `.done` after this many seconds
+    /// (default: wait, as SpecForge's consumer does).
+    #[arg(long)]
+    pub(crate) wait_timeout: Option<f64>,
+    /// Offline: write each batch's composition (`{"epoch", "rank", "step", "sample_ids"}`
+    /// lines) here.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) batches: Option<PathBuf>,
     /// Data-parallel ranks (threads of this process).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub(crate) dp: u64,
@@ -396,11 +484,51 @@ pub(crate) struct ConsumeArgs {
     /// listens there).
     #[arg(long, value_name = "ADDRESS", requires = "rank")]
     pub(crate) group: Option<String>,
-    /// Fault injection for tests: abort the process (no cleanup, as a crash) right after the
-    /// durable ack and checkpoint of this optimizer step.
-    #[arg(long, hide = true)]
-    pub(crate) crash_after_step: Option<i64>,
+    /// How long the ranks wait for each other, at the rendezvous and at each collective (a
+    /// durable ack, the end of the run), before failing. A rank that dies is noticed at once
+    /// (its connection closes); this bounds the wait for one that hangs or never starts.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub(crate) group_timeout: f64,
+    /// Fault injection for tests (`crate::fault`): crash (abort, no cleanup, no sentinel) at
+    /// `before-ack:K`, `after-ack:K`, `after-checkpoint:K` (online) or `train:N` (offline), on
+    /// rank 0 or on `--rank`.
+    #[arg(long, hide = true, value_name = "POINT", value_parser = Fault::parse)]
+    pub(crate) fault: Option<Fault>,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// `ferry synth`.
+#[derive(Debug, Args)]
+pub(crate) struct SynthArgs {
+    /// Where to write `rows_<g>-<g+1000>/data_<i>.ckpt` (8-digit numbers, so file order is
+    /// sample order) and `checksums.jsonl`; created if missing, must be empty.
+    #[arg(value_name = "DIR")]
+    pub(crate) out: PathBuf,
+    /// Samples (files) to write.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub(crate) samples: u64,
+    /// Seed of the synthetic features (`ferry produce --seed`: the same bytes as its epoch 0).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// The draft strategy whose offline layout to write.
+    #[arg(long, value_enum, default_value_t = Strategy::Eagle3)]
+    pub(crate) strategy: Strategy,
+    /// Tokens per sample (the longest, with --min-seq-len).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) seq_len: u64,
+    /// Shortest sequence: each sample's L is drawn from [min, --seq-len] by its index
+    /// (default: --seq-len, every sample the same length).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) min_seq_len: Option<u64>,
+    /// Target hidden size.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub(crate) hidden: u64,
+    /// DFlash's target capture layers K: hidden_states is (1, L, K·H) (default 5).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub(crate) layers: Option<u64>,
+    /// Writer threads (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub(crate) workers: Option<u16>,
 }

@@ -1,5 +1,5 @@
-//! `ferry demo`: synthetic EAGLE3 samples through each store, the way a rollout worker and a
-//! trainer use it, verified and timed.
+//! `ferry demo`: synthetic EAGLE3 (or DFlash) samples through each store, the way a rollout
+//! worker and a trainer use it, verified and timed.
 //!
 //! Per store and round: put every sample (from borrowed views of one reused source buffer
 //! set), then for each ref `get_into` one reused set of caller buffers, compare the checksum of
@@ -10,7 +10,7 @@
 
 use crate::args::{DemoArgs, DemoStores, StoreKind};
 use crate::measure::{self, CacheFlush, fmt_bytes, fmt_gbps, gbps};
-use crate::sample::{self, Eagle3Shape, Sample};
+use crate::sample::{Sample, SampleShape};
 use crate::table::Table;
 use anyhow::{Context, Result, bail};
 use ferry_core::{JsonStyle, SampleRef, json};
@@ -30,7 +30,8 @@ pub(crate) struct Plan {
     stores: Vec<StoreKind>,
     samples: u64,
     rounds: u64,
-    shape: Eagle3Shape,
+    shape: SampleShape,
+    /// Bytes of the longest sample.
     sample_bytes: u64,
     /// Shared-directory root; `None` means a temporary directory removed afterwards.
     dir: Option<PathBuf>,
@@ -39,9 +40,9 @@ pub(crate) struct Plan {
 impl Plan {
     /// Validates the arguments.
     pub(crate) fn from_args(args: DemoArgs) -> Result<Plan> {
-        let shape = Eagle3Shape { seq_len: args.seq_len, hidden: args.hidden };
-        let sample_bytes = shape.bytes().filter(|b| usize::try_from(*b).is_ok()).with_context(|| {
-            format!("a sample of L={} H={} is too large for this machine", shape.seq_len, shape.hidden)
+        let shape = SampleShape::new(args.strategy, args.seq_len, args.min_seq_len, args.hidden, args.layers)?;
+        let sample_bytes = shape.max_bytes().filter(|b| usize::try_from(*b).is_ok()).with_context(|| {
+            format!("a sample of L={} H={} is too large for this machine", shape.max_len, shape.hidden)
         })?;
         let stores = match args.store {
             DemoStores::Mem => vec![StoreKind::Mem],
@@ -68,6 +69,8 @@ struct Workspace {
 
 /// Time spent in one round through one store.
 struct RoundStats {
+    /// Bytes of the round's samples (each its own length).
+    bytes: u64,
     put: Duration,
     get: Duration,
     release: Duration,
@@ -78,10 +81,16 @@ pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
     let n = plan.samples;
     writeln!(
         out,
-        "ferry demo: {n} EAGLE3 sample{} of {} per store (L={}, H={}), {} round{}",
+        "ferry demo: {n} {} sample{} of {}{} per store (L={}, H={}), {} round{}",
+        plan.shape.strategy.name(),
         plural(n),
+        if plan.shape.min_len == plan.shape.max_len { "" } else { "up to " },
         fmt_bytes(plan.sample_bytes),
-        plan.shape.seq_len,
+        if plan.shape.min_len == plan.shape.max_len {
+            plan.shape.max_len.to_string()
+        } else {
+            format!("{}..={}", plan.shape.min_len, plan.shape.max_len)
+        },
         plan.shape.hidden,
         plan.rounds,
         plural(plan.rounds),
@@ -122,16 +131,15 @@ pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
         let store = open_store(&uri, options).with_context(|| format!("opening {uri}"))?;
         writeln!(out, "\n{uri} ({} backend, store id {})", store.backend_kind(), store.store_id())?;
         for round in 1..=plan.rounds {
-            let stats =
-                run_round(plan, &store, round, &mut ws, out).with_context(|| format!("{uri}: round {round}"))?;
+            let stats = run_round(&store, round, &mut ws, out).with_context(|| format!("{uri}: round {round}"))?;
             writeln!(out, "  round {round}: put {n}, read back {n} (checksums match), released {n}")?;
-            let bytes = ws.source.nbytes() * n;
+            let bytes = stats.bytes;
             let (put, get) = (gbps(bytes, stats.put), gbps(bytes, stats.get));
             table.row(vec![
                 store.backend_kind().to_owned(),
                 if round == 1 && plan.rounds > 1 { "1 (cold)".to_owned() } else { round.to_string() },
                 n.to_string(),
-                format!("{:.2}", plan.sample_bytes as f64 / (1 << 20) as f64),
+                format!("{:.2}", bytes as f64 / n as f64 / (1 << 20) as f64),
                 fmt_gbps(put),
                 format!("{:.2}", put / memcpy),
                 fmt_gbps(get),
@@ -159,21 +167,15 @@ pub(crate) fn run(plan: &Plan, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn run_round(
-    plan: &Plan,
-    store: &FeatureStore,
-    round: u64,
-    ws: &mut Workspace,
-    out: &mut dyn Write,
-) -> Result<RoundStats> {
-    let meta = sample::metadata(RUN_ID, plan.shape);
-    let mut stats = RoundStats { put: Duration::ZERO, get: Duration::ZERO, release: Duration::ZERO };
+fn run_round(store: &FeatureStore, round: u64, ws: &mut Workspace, out: &mut dyn Write) -> Result<RoundStats> {
+    let mut stats = RoundStats { bytes: 0, put: Duration::ZERO, get: Duration::ZERO, release: Duration::ZERO };
     let mut refs: Vec<SampleRef> = Vec::with_capacity(ws.expected.len());
     for (i, sum) in ws.expected.iter_mut().enumerate() {
         ws.source.fill(i as u64);
         sum.get_or_insert_with(|| ws.source.checksum());
+        stats.bytes += ws.source.nbytes();
         let sample_id = format!("{RUN_ID}:task{i}");
-        let metadata = meta.clone();
+        let metadata = ws.source.metadata(RUN_ID);
         ws.caches.flush();
         let views = ws.source.views()?;
         let start = Instant::now();
@@ -185,7 +187,8 @@ fn run_round(
         }
         refs.push(r);
     }
-    for (r, sum) in refs.iter().zip(&ws.expected) {
+    for (i, (r, sum)) in refs.iter().zip(&ws.expected).enumerate() {
+        ws.dst.set_index(i as u64);
         ws.caches.flush();
         let mut dsts = ws.dst.dsts();
         let start = Instant::now();

@@ -1,14 +1,15 @@
 //! `ferry demo` (the online topology, the default): an embedded node daemon, an online
-//! producer capturing synthetic EAGLE3 samples into it, and a 2-rank consumer (rank 0 runs the
-//! distributor and the SQLite ledger) training optimizer steps with the durable ack, every
+//! producer capturing synthetic EAGLE3 (or DFlash) samples into it, and a 2-rank consumer
+//! (rank 0 runs the distributor and the SQLite ledger) training optimizer steps with the durable ack, every
 //! client talking to the daemon over its Unix socket and shared memory. It then checks what a
 //! user would: every published sample trained exactly once, with the bytes a colocated run over
 //! the same seed produces, and nothing left resident or pending in the daemon.
 
 use crate::args::DemoArgs;
+use crate::consume::{OnlineRank, Records};
 use crate::measure::{self, CacheFlush, fmt_bytes, fmt_gbps};
-use crate::online::{Synthetic, run_one_rank, sample_index, synthetic_prompts};
-use crate::sample::{Eagle3Shape, Sample};
+use crate::online::{Synthetic, sample_index, synthetic_prompts};
+use crate::sample::{Sample, SampleShape};
 use anyhow::{Context, Result, bail};
 use ferry_control::collective::LocalGroup;
 use ferry_control::flow::FlowControlLimits;
@@ -19,7 +20,7 @@ use ferry_store::{FeatureStoreApi, StoreOptions};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Data-parallel ranks of the demo consumer.
@@ -34,8 +35,9 @@ const LEASE: usize = 2;
 
 /// Runs the online demo.
 pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
-    let shape = Eagle3Shape { seq_len: args.seq_len, hidden: args.hidden };
-    let sample_bytes = shape.bytes().context("the sample is too large for this machine")?;
+    let shape = SampleShape::new(args.strategy, args.seq_len, args.min_seq_len, args.hidden, args.layers)?;
+    // The longest sample: what the arena must have room for.
+    let sample_bytes = shape.max_bytes().context("the sample is too large for this machine")?;
     let samples = args.samples.unwrap_or(64);
     let quantum = (DP * BATCH * ACCUM) as u64;
     if samples < quantum {
@@ -62,15 +64,17 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         writeln!(
             out,
             "ferry demo: online topology on this machine: a node daemon ({} arena), a producer capturing {samples} \
-         synthetic EAGLE3 samples ({}, {} each), a {DP}-rank consumer (batch {BATCH}, accumulation {ACCUM})",
+         synthetic {} samples ({}, {} at most each), a {DP}-rank consumer (batch {BATCH}, accumulation {ACCUM})",
             fmt_bytes(capacity),
+            shape.strategy.name(),
             shape.describe(),
             fmt_bytes(sample_bytes)
         )?;
     }
 
     // The producer, on its own thread, a client of the daemon.
-    let producer_store = connect()?;
+    // The producer owns its puts: what it captured but never published dies with it.
+    let producer_store = crate::stores::connect(&uri, true)?;
     let capture = Arc::new(Synthetic::new(Arc::clone(&producer_store), shape, "demo", samples, args.seed)?);
     let producer_config = ProducerConfig {
         run_id: "demo".into(),
@@ -115,13 +119,14 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         idle_timeout: Some(Duration::from_secs(60)),
         poll: Duration::from_millis(1),
     };
-    let trained: Arc<Mutex<Vec<(String, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let records = Arc::new(Records::default());
     let mut ranks = Vec::new();
     for group in LocalGroup::new(DP, Duration::from_secs(120)) {
-        let (config, trained) = (consumer_config.clone(), Arc::clone(&trained));
+        let (config, records) = (consumer_config.clone(), Arc::clone(&records));
         let store = connect()?;
         ranks.push(std::thread::spawn(move || {
-            run_one_rank(&config, Arc::new(group), store, &trained, None, None).map(|_| ())
+            let rank = OnlineRank { strategy: shape.strategy.name(), checkpoint: None, fault: None };
+            rank.run(&config, Arc::new(group), store, &records).map(|_| ())
         }));
     }
 
@@ -132,13 +137,17 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     while !ranks.iter().all(std::thread::JoinHandle::is_finished) {
-        bar.set_position(trained.lock().unwrap_or_else(|p| p.into_inner()).len() as u64);
+        let trained = records.trained_count();
+        bar.set_position(trained as u64);
         let health = daemon.store().health();
+        let seconds = started.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!(
-            "in the daemon: {} samples, {} ({} leased)",
-            health.resident_samples,
+            "{}/s | in flight {} refs, {} resident ({} leased) | loader wait {:.0}%",
+            fmt_bytes((capture.bytes() as f64 / seconds) as u64),
+            capture.captured().saturating_sub(trained),
             fmt_bytes(health.resident_bytes),
-            health.active_leases
+            health.active_leases,
+            100.0 * records.wait_seconds() / (seconds * DP as f64)
         ));
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -163,7 +172,7 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
     let report = produced.map_err(anyhow::Error::new)?;
 
     // The checks.
-    let trained = trained.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let trained = records.trained.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for (id, _) in &trained {
         *counts.entry(id.as_str()).or_default() += 1;
@@ -173,15 +182,16 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
     // The colocated reference: regenerate each sample from the seed, in this process.
     let mut reference = Sample::new(shape)?;
     let mut mismatches = 0u64;
+    let mut trained_bytes = 0u64;
     for (id, sum) in &trained {
         let index: u64 = id.rsplit('p').next().and_then(|n| n.parse().ok()).unwrap_or(u64::MAX);
         reference.fill(sample_index(args.seed, 0, samples, index));
+        trained_bytes += reference.nbytes();
         if reference.checksum() != *sum {
             mismatches += 1;
         }
     }
     let health = daemon.store().health();
-    let trained_bytes = sample_bytes * trained.len() as u64;
     let gbps = trained_bytes as f64 / elapsed.as_secs_f64() / 1e9;
     let memcpy = measure::memcpy_gbps(usize::try_from(sample_bytes).unwrap_or(usize::MAX), &mut CacheFlush::new());
     daemon.stop();
@@ -204,6 +214,7 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
                 "memcpy_gbps": memcpy,
                 "vs_memcpy": gbps / memcpy,
                 "max_in_flight": report.max_in_flight,
+                "loader_wait_s": records.wait_seconds(),
                 "passed": passed,
             })
         )?;
@@ -224,7 +235,12 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
             gbps / memcpy,
             fmt_gbps(memcpy)
         )?;
-        writeln!(out, "  most refs in flight {} (high watermark {HIGH_WATERMARK})", report.max_in_flight)?;
+        writeln!(
+            out,
+            "  most refs in flight {} (high watermark {HIGH_WATERMARK}); the ranks waited for data {:.0}% of the time",
+            report.max_in_flight,
+            100.0 * records.wait_seconds() / (elapsed.as_secs_f64().max(1e-9) * DP as f64)
+        )?;
         writeln!(out, "  every sample trained exactly once ........ {}", check(exactly_once))?;
         writeln!(out, "  bytes equal a colocated run, same seed .... {}", check(mismatches == 0))?;
         writeln!(

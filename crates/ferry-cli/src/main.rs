@@ -9,12 +9,15 @@
 //! * [`args`]: the command line.
 //! * [`demo`]: `ferry demo`, synthetic EAGLE3 samples through each store, verified and timed.
 //! * [`bench`]: `ferry bench store`, a store round trip against memcpy.
+//! * [`liveness`]: rank 0's liveness link for consumer ranks in separate processes.
 //! * [`inspect`]: `ferry inspect`, tensor files, SampleRef JSON lines and manifests.
+//! * [`fault`]: the hidden `--fault` crash points of produce, consume and ingest (tests).
 //! * [`ingest`]: `ferry ingest`, offline feature files into a store with a manifest.
 //! * [`serve`]: `ferry serve`, the node daemon, and `ferry status`.
 //! * [`transfer`]: `ferry bench transfer`, daemon put/get against memcpy and raw TCP.
 //! * [`strategy`]: which raw keys each draft strategy's offline files hold.
-//! * [`sample`]: synthetic EAGLE3-shaped samples.
+//! * [`sample`]: synthetic EAGLE3- and DFlash-shaped samples.
+//! * [`synth`]: `ferry synth`, synthetic samples written as an offline feature dump.
 //! * [`measure`]: timing helpers and the memcpy reference.
 //! * [`table`]: plain-text tables.
 //!
@@ -26,17 +29,23 @@
 
 mod args;
 mod bench;
+mod consume;
 mod control_bench;
 mod demo;
 mod demo_online;
+mod fault;
 mod ingest;
 mod inspect;
+mod liveness;
 mod measure;
 mod online;
 mod sample;
 mod serve;
+mod stores;
 mod strategy;
+mod synth;
 mod table;
+mod train;
 mod transfer;
 
 use anyhow::Result;
@@ -74,7 +83,8 @@ fn run(command: Command, out: &mut dyn Write) -> Result<()> {
         Command::Serve(a) => serve::run(a, out),
         Command::Status(a) => serve::status(a, out),
         Command::Produce(a) => online::produce(a, out),
-        Command::Consume(a) => online::consume(a, out),
+        Command::Synth(a) => synth::run(&synth::Plan::from_args(a)?, out),
+        Command::Consume(a) => consume::consume(a, out),
         Command::Bench { what: BenchCommand::Transfer(a) } => transfer::run(a, out),
         Command::Bench { what: BenchCommand::TransferClient(a) } => transfer::client(a, out),
         Command::Bench { what: BenchCommand::Control(a) } => control_bench::run(a, out),

@@ -4,26 +4,13 @@
 //! store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Waits for a child with a deadline (a hung role fails the test instead of hanging CI).
-fn finish(mut child: std::process::Child, what: &str) -> std::process::Output {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = finish(child, "a consumer rank");
-            panic!("{what} did not finish within 120 s; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// Starts `ferry produce` (configured by `configure`) and waits until it claimed the fresh
 /// channel, so that a consumer started next never meets an unclaimed control directory.
@@ -37,30 +24,6 @@ fn start_producer(control: &Path, configure: impl FnOnce(&mut Command)) -> std::
         std::thread::sleep(Duration::from_millis(2));
     }
     child
-}
-
-fn checksums(path: &Path) -> Vec<(String, u64)> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["sample_id"].as_str().unwrap().to_owned(), v["checksum"].as_u64().unwrap())
-        })
-        .collect()
-}
-
-fn files_under(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(root).unwrap().filter_map(Result::ok) {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else if path.file_name().is_some_and(|n| n != ".ferry-generation") {
-            out.push(path.display().to_string());
-        }
-    }
-    out
 }
 
 #[test]
@@ -233,7 +196,7 @@ fn a_crashed_consumer_resumes_and_never_trains_a_durably_acknowledged_sample_aga
         finish(child, "a consumer attempt")
     };
     // The first attempt crashes right after the durable ack (and checkpoint) of step 3.
-    let crashed = consume(&["--crash-after-step", "3"], &dir.path().join("first.jsonl"));
+    let crashed = consume(&["--fault", "after-checkpoint:3"], &dir.path().join("first.jsonl"));
     assert!(!crashed.status.success(), "the injected crash");
     let durable = acked(&control.join("consumer/consumer.sqlite"));
     assert_eq!(durable.len(), 12, "3 steps of 4 samples were durable at the crash");
@@ -258,26 +221,9 @@ fn a_crashed_consumer_resumes_and_never_trains_a_durably_acknowledged_sample_aga
 
 #[test]
 fn producer_and_consumer_processes_share_a_ferry_serve_daemon() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("ferry.sock");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .args(["--capacity", "64MiB", "--retain-on-release", "--store-id", "node0"])
-        .env_remove("FERRY_AUTH_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(daemon.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines.next().expect("ferry serve printed ready").unwrap();
-        if line.contains("ready") {
-            break;
-        }
-    }
-    let uri = format!("ferry+unix://{}", socket.display());
+    let daemon = Daemon::start(dir.path(), &["--retain-on-release"]);
+    let uri = daemon.uri();
     let control = dir.path().join("control");
     let control_arg = control.display().to_string();
     let producer = start_producer(&control, |cmd| {
@@ -307,13 +253,5 @@ fn producer_and_consumer_processes_share_a_ferry_serve_daemon() {
     let distinct: std::collections::BTreeSet<&String> = consumed.iter().map(|(id, _)| id).collect();
     assert_eq!(distinct.len(), 16, "each sample trained once");
     assert!(consumed.iter().all(|(id, sum)| produced.get(id) == Some(sum)));
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["status", &uri, "--json"])
-        .env_remove("FERRY_AUTH_TOKEN")
-        .output()
-        .unwrap();
-    let health: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!((health["resident_bytes"].as_u64(), health["release_pending"].as_u64()), (Some(0), Some(0)), "{health}");
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    daemon.assert_empty();
 }

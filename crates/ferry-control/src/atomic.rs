@@ -20,9 +20,18 @@ pub fn write_via(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// SpecForge's control-file temp name: `<path>.tmp.<pid>`.
+/// A control file's temp name: SpecForge's `<path>.tmp.<pid>` plus `.<thread>`.
 pub fn pid_temp(path: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.tmp.{}", path.display(), std::process::id()))
+    // The thread too: two ranks of one process may write the same sidecar at once.
+    PathBuf::from(format!("{}.tmp.{}.{}", path.display(), std::process::id(), thread_tag()))
+}
+
+/// A number unique to the calling thread (for temp names).
+pub fn thread_tag() -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::thread::current().id().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Creates the directory `path` will live in, if it has one.
@@ -33,7 +42,7 @@ pub fn ensure_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a control file atomically through `<path>.tmp.<pid>`, creating the parent directory.
+/// Writes a control file atomically through its temp name ([`pid_temp`]), creating the parent directory.
 pub fn write_control_file(path: &Path, bytes: &[u8]) -> Result<()> {
     ensure_parent(path)?;
     write_via(path, &pid_temp(path), bytes)

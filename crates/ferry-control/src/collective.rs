@@ -461,9 +461,8 @@ impl Collective for SocketGroup {
     fn all_gather(&self, part: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         let mut guard = lock(&self.conns);
         let Some(conns) = guard.as_mut() else {
-            return Err(Error::Io {
+            return Err(Error::PeerLost {
                 context: format!("collective rank {}", self.rank),
-                kind: std::io::ErrorKind::NotConnected,
                 message: "an earlier round broke the group; every rank must restart".into(),
             });
         };
@@ -482,7 +481,10 @@ impl Collective for SocketGroup {
                         self.timeout,
                     ));
                 }
-                Err(Error::io(format!("collective all-gather on rank {}", self.rank), &e))
+                Err(Error::PeerLost {
+                    context: format!("collective all-gather on rank {}", self.rank),
+                    message: format!("a peer's connection closed (its process ended or it left the group): {e}"),
+                })
             }
         }
     }

@@ -408,9 +408,23 @@ impl DataFlowController {
             };
             if optimizer_durable && acked.contains(&id) {
                 if let Some(store) = store {
-                    store.adopt(&r)?;
-                    store.abort(&id)?;
-                    tracing::debug!(sample = %id, reason = "reconciled-released", "feature aborted");
+                    // The attempt that acknowledged it deleted it too, unless it crashed between
+                    // the two: a sample already gone (not found, stale, freed) is released.
+                    match store.adopt(&r) {
+                        Ok(()) => {
+                            store.abort(&id)?;
+                            tracing::debug!(sample = %id, reason = "reconciled-released", "feature aborted");
+                        }
+                        Err(e)
+                            if matches!(
+                                e,
+                                Error::NotFound { .. } | Error::StaleRef { .. } | Error::UseAfterFree { .. }
+                            ) =>
+                        {
+                            tracing::debug!(sample = %id, reason = %e, "acknowledged feature already deleted");
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 out.released.push(id);
             } else {

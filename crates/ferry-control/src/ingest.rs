@@ -1,5 +1,7 @@
 //! Ingest: copy offline feature files into any store and publish their refs (SpecForge's
 //! `ingest_offline_features` and the offline producer driver, `SPECFORGE-RUNTIME.md` §7.3-7.5).
+//! Every function takes `&dyn FeatureStoreApi`: a store in this process (`dir://`, `mem://`) or
+//! a `ferry serve` daemon through its client.
 //!
 //! Files are processed by a pool of worker threads (both cores of a small node): each opens
 //! its file (a read-only mapping, or one decompressed buffer for `.gz`) and `put`s the
@@ -11,19 +13,83 @@
 //! `.failed` first (`"<ExcType>: <message>"`, as SpecForge writes it), so a consumer is never
 //! left waiting, even if the process dies mid-cleanup. If `.failed` cannot be written, cleanup
 //! still runs and the returned error says so.
+//!
+//! Holding ([`Hold::UntilConsumed`], SpecForge's Mooncake path): a store whose bytes live only
+//! as long as someone frees them (a daemon's arena) must not be left full once the consumer is
+//! done. The producer then waits, after `.done`, for `<manifest>.consumed`, and frees what it
+//! published: every tracked ref aborted, then one store-wide drain. A consumer failure
+//! (`.consumer_failed`), the hold timeout or a stop request fail the attempt like any other
+//! error (`.failed` first, then the same cleanup). Without a hold (a shared directory, whose
+//! files persist for any later reader) the producer returns after `.done` and frees nothing.
+//!
+//! Ownership (a daemon client that owns its puts, `ferry_net::Client::connect_owning`; other
+//! stores have nothing to hand over): without a hold, every published ref is disowned
+//! ([`FeatureStoreApi::disown`]) right after `.done`, so the samples outlive the producer for
+//! any later reader; a disown failure fails the attempt like any error after `.done`. With a
+//! hold they stay owned: a producer that dies while holding has them freed by the daemon (the
+//! consumer's reads then fail, the right outcome for a dead holding producer), and one that
+//! lives aborts them after `.consumed` as above. A producer that dies before `.done` leaves
+//! nothing behind either way.
 
 use crate::manifest::write_ref_manifest;
-use crate::sentinel::OfflineControl;
+use crate::sentinel::{DEFAULT_POLL, OfflineControl};
+use crate::signal::StopSignal;
 use ferry_core::{Error, JsonMap, Result, SampleId, SampleRef, TensorView};
 use ferry_store::offline::{
     FEATURE_FILE_SUFFIXES, OfflineRefOptions, list_feature_files, offline_sample_id, require_raw_keys,
 };
-use ferry_store::{DrainPolicy, FeatureStore};
+use ferry_store::{DrainPolicy, FeatureStoreApi};
 use serde_json::Value;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Whether the offline producer keeps its samples until the consumer is done with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hold {
+    /// Return right after `.done`, freeing nothing: the samples stay for any later reader (a
+    /// shared directory's files persist; a daemon's are disowned after `.done`, so they outlive
+    /// this process).
+    #[default]
+    None,
+    /// After `.done`, wait for `<manifest>.consumed`, then abort every ref this attempt
+    /// published and drain the store once. `.consumer_failed`, the timeout or a stop request
+    /// fail the attempt instead (`.failed` first, then the same cleanup). The samples stay
+    /// owned by an owning daemon session meanwhile, so they die with this process.
+    UntilConsumed {
+        /// Give up after this long; `None` waits without bound (SpecForge's default, unless
+        /// `DISAGG_PRODUCER_HOLD_S` is set).
+        timeout: Option<Duration>,
+        /// How often the sentinels are checked.
+        poll: Duration,
+    },
+}
+
+impl Hold {
+    /// Holds until consumed, checking every [`DEFAULT_POLL`] (SpecForge's 0.25 s).
+    pub fn until_consumed(timeout: Option<Duration>) -> Hold {
+        Hold::UntilConsumed { timeout, poll: DEFAULT_POLL }
+    }
+}
+
+/// What the offline producer reports while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProducerEvent<'a> {
+    /// A file was put: its on-disk size (the unit of a progress total summed from file sizes).
+    FileIngested {
+        /// The file's size on disk.
+        bytes: u64,
+    },
+    /// The manifest and `.done` are written; the producer now holds its samples until this
+    /// file (`<manifest>.consumed`) appears.
+    Holding {
+        /// The path awaited.
+        consumed: &'a Path,
+    },
+}
 
 /// How ingest runs.
 #[derive(Debug, Clone)]
@@ -35,6 +101,11 @@ pub struct IngestOptions {
     pub limit: Option<usize>,
     /// Worker threads (at least 1).
     pub workers: usize,
+    /// Whether the producer holds its samples until consumed ([`run_offline_producer`] only).
+    pub hold: Hold,
+    /// Once set, workers take no more files and a hold ends: the attempt fails with an
+    /// `Interrupted` error (and is cleaned up as any failure).
+    pub stop: Option<Arc<StopSignal>>,
 }
 
 impl Default for IngestOptions {
@@ -43,6 +114,8 @@ impl Default for IngestOptions {
             refs: OfflineRefOptions { run_id: "disagg".into(), ..OfflineRefOptions::default() },
             limit: None,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            hold: Hold::None,
+            stop: None,
         }
     }
 }
@@ -54,6 +127,8 @@ pub struct IngestReport {
     pub refs: Vec<SampleRef>,
     /// Tensor bytes put.
     pub bytes: u64,
+    /// Samples freed after the consumer was done ([`Hold::UntilConsumed`]); 0 without a hold.
+    pub cleaned_up: usize,
 }
 
 /// What one file's ingest did.
@@ -66,7 +141,7 @@ struct Ingested {
 }
 
 /// Puts one file's features.
-fn ingest_one(store: &FeatureStore, path: &Path, index: usize, options: &OfflineRefOptions) -> Result<Ingested> {
+fn ingest_one(store: &dyn FeatureStoreApi, path: &Path, index: usize, options: &OfflineRefOptions) -> Result<Ingested> {
     let file = ferry_format::TensorFile::open(path)?;
     let sample_id = offline_sample_id(&options.run_id, index);
     require_raw_keys(&file, path, Some(&sample_id), options.feature_keys.iter().map(String::as_str))?;
@@ -87,7 +162,7 @@ fn ingest_one(store: &FeatureStore, path: &Path, index: usize, options: &Offline
     metadata.insert("num_tokens".into(), Value::from(num_tokens));
     metadata.insert("file_index".into(), Value::from(index));
     let tensor_bytes = views.iter().map(|(_, v)| v.nbytes()).sum();
-    let r = store.put(sample_id, &views, metadata)?;
+    let r = store.put(&sample_id, &views, metadata)?;
     // Progress only: a file that cannot be stat'ed after it was read counts as 0 bytes.
     let file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
     Ok(Ingested { r, tensor_bytes, file_bytes })
@@ -96,10 +171,11 @@ fn ingest_one(store: &FeatureStore, path: &Path, index: usize, options: &Offline
 /// Ingests `files` (in order) into `store` on `options.workers` threads. `on_ref` sees every
 /// successful put as it happens (to clean up a partial attempt); `on_progress` gets the on-disk
 /// size of each finished file (the unit of a progress total summed from file sizes; for `.gz`
-/// files this is less than the tensor bytes put, which [`IngestReport::bytes`] counts). On the first failure the workers stop taking files and the error is
+/// files this is less than the tensor bytes put, which [`IngestReport::bytes`] counts). On the
+/// first failure (or once `options.stop` is set) the workers stop taking files and the error is
 /// returned; refs already put stay in the store (see [`run_offline_producer`] for cleanup).
 pub fn ingest_files(
-    store: &FeatureStore,
+    store: &dyn FeatureStoreApi,
     files: &[PathBuf],
     options: &IngestOptions,
     on_ref: &(dyn Fn(&SampleRef) + Sync),
@@ -119,7 +195,12 @@ pub fn ingest_files(
                     while !stop.load(Ordering::SeqCst) {
                         let index = next.fetch_add(1, Ordering::SeqCst);
                         let Some(path) = files.get(index) else { break };
-                        match ingest_one(store, path, index, &options.refs) {
+                        let ingested = if options.stop.as_deref().is_some_and(StopSignal::is_set) {
+                            Err(interrupted(format!("ingesting {}", path.display())))
+                        } else {
+                            ingest_one(store, path, index, &options.refs)
+                        };
+                        match ingested {
                             Ok(Ingested { r, tensor_bytes, file_bytes }) => {
                                 on_ref(&r);
                                 on_progress(file_bytes);
@@ -149,7 +230,12 @@ pub fn ingest_files(
         return Err(e);
     }
     let refs = results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect();
-    Ok(IngestReport { refs, bytes: total.load(Ordering::Relaxed) as u64 })
+    Ok(IngestReport { refs, bytes: total.load(Ordering::Relaxed) as u64, cleaned_up: 0 })
+}
+
+/// The error of a stop request ([`IngestOptions::stop`]): Python's `InterruptedError`.
+fn interrupted(context: String) -> Error {
+    Error::io(context, &std::io::Error::new(std::io::ErrorKind::Interrupted, "stop requested"))
 }
 
 /// Why the offline producer failed, and whether this attempt recorded it in `.failed`.
@@ -185,32 +271,41 @@ impl From<ProducerError> for Error {
 
 /// The offline producer (SpecForge's driver): list the feature files under `input` (none is an
 /// error, before anything is claimed), claim the attempt, ingest them, write the manifest, then
-/// `.done`.
+/// `.done`. `on_event` sees each ingested file and the start of a hold. Without a hold, every
+/// published ref is then disowned ([`FeatureStoreApi::disown`]; see the module docs), and a
+/// disown failure fails the attempt (`.failed`, then cleanup) like any later error.
 ///
-/// On failure: `.failed` first (`"<ExcType>: <message>"`), then abort exactly the refs this
+/// With [`Hold::UntilConsumed`] the producer then waits for `<manifest>.consumed` and frees
+/// what it published (each tracked ref aborted, then one store-wide drain);
+/// [`IngestReport::cleaned_up`] counts the aborts. If that cleanup fails, the attempt fails
+/// (after the consumer succeeded): the error says "offline cleanup did not remove every
+/// ingested sample" with each cause, and `.failed` records it.
+///
+/// On failure (including `.consumer_failed`, the hold timeout and a stop request while
+/// holding): `.failed` first (`"<ExcType>: <message>"`), then abort exactly the refs this
 /// attempt published and drain. If `.failed` cannot be written, or cleanup leaves samples
 /// behind, the error is [`Error::FailureHandling`] naming the primary error and every later one,
 /// and (after cleanup errors) `.failed` is rewritten with that combined reason.
 pub fn run_offline_producer(
-    store: &FeatureStore,
+    store: &dyn FeatureStoreApi,
     input: &Path,
     control: &OfflineControl,
     options: &IngestOptions,
-    on_progress: &(dyn Fn(u64) + Sync),
+    on_event: &(dyn Fn(ProducerEvent<'_>) + Sync),
 ) -> Result<IngestReport, ProducerError> {
     let files = list_feature_files(input).map_err(ProducerError::not_started)?;
-    run_offline_producer_on(store, input, &files, control, options, on_progress)
+    run_offline_producer_on(store, input, &files, control, options, on_event)
 }
 
 /// [`run_offline_producer`] over `files`, already listed from `input` with
 /// [`list_feature_files`] (a caller that sizes a progress bar lists once and passes the list).
 pub fn run_offline_producer_on(
-    store: &FeatureStore,
+    store: &dyn FeatureStoreApi,
     input: &Path,
     files: &[PathBuf],
     control: &OfflineControl,
     options: &IngestOptions,
-    on_progress: &(dyn Fn(u64) + Sync),
+    on_event: &(dyn Fn(ProducerEvent<'_>) + Sync),
 ) -> Result<IngestReport, ProducerError> {
     if files.is_empty() {
         return Err(ProducerError::not_started(Error::InvalidArgument(format!(
@@ -222,26 +317,106 @@ pub fn run_offline_producer_on(
     control.claim_producer().map_err(ProducerError::not_started)?;
     let published: Mutex<Vec<SampleId>> = Mutex::new(Vec::new());
     let track = |r: &SampleRef| published.lock().unwrap_or_else(|p| p.into_inner()).push(r.sample_id.clone());
-    let result = ingest_files(store, files, options, &track, on_progress).and_then(|report| {
+    let on_progress = |bytes: u64| on_event(ProducerEvent::FileIngested { bytes });
+    let result = ingest_files(store, files, options, &track, &on_progress).and_then(|report| {
         write_ref_manifest(&report.refs, control.manifest())?;
         control.mark_done()?;
+        if options.hold == Hold::None {
+            // Nobody frees these samples for the consumer: they must outlive this process.
+            // Disowned after `.done`: a crash before the disown frees them with this process's
+            // session (a consumer already reading then fails loudly), never leaves them orphaned.
+            let ids: Vec<SampleId> = report.refs.iter().map(|r| r.sample_id.clone()).collect();
+            store.disown(&ids)?;
+        }
+        hold(control, options, on_event)?;
         Ok(report)
     });
-    let primary = match result {
-        Ok(report) => return Ok(report),
-        Err(primary) => primary,
+    let published = published.into_inner().unwrap_or_else(|p| p.into_inner());
+    match result {
+        Ok(report) if options.hold == Hold::None => Ok(report),
+        Ok(report) => clean_up_consumed(store, control, &published, report),
+        Err(primary) => Err(fail_attempt(store, control, &published, primary)),
+    }
+}
+
+/// With a hold: announces it, then waits for `.consumed` (or `.consumer_failed`, the timeout,
+/// a stop request).
+fn hold(
+    control: &OfflineControl,
+    options: &IngestOptions,
+    on_event: &(dyn Fn(ProducerEvent<'_>) + Sync),
+) -> Result<()> {
+    let Hold::UntilConsumed { timeout, poll } = options.hold else { return Ok(()) };
+    on_event(ProducerEvent::Holding { consumed: &control.consumed_path() });
+    // A timeout too large for the clock waits without bound.
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    match options.stop.as_deref() {
+        Some(stop) => control.wait_for_consumed_or_stop(deadline, poll, stop),
+        None => control.wait_for_consumed(deadline, poll),
+    }
+}
+
+/// Frees what this attempt published: each tracked ref aborted, then one store-wide drain.
+/// Returns how many aborts succeeded and every error.
+fn clean_up(store: &dyn FeatureStoreApi, published: &[SampleId]) -> (usize, Vec<String>) {
+    let mut aborted = 0;
+    let mut errors = Vec::new();
+    for sample_id in published {
+        match store.abort(sample_id) {
+            Ok(()) => aborted += 1,
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if let Err(e) = store.drain(DrainPolicy::default()) {
+        errors.push(e.to_string());
+    }
+    (aborted, errors)
+}
+
+/// The consumer is done: free the held samples. Cleanup errors fail the attempt, recorded in
+/// `.failed` (the consumer already succeeded, so `.done` and `.consumed` stay).
+fn clean_up_consumed(
+    store: &dyn FeatureStoreApi,
+    control: &OfflineControl,
+    published: &[SampleId],
+    report: IngestReport,
+) -> Result<IngestReport, ProducerError> {
+    let (cleaned_up, errors) = clean_up(store, published);
+    if errors.is_empty() {
+        return Ok(IngestReport { cleaned_up, ..report });
+    }
+    let error = Error::Backend {
+        backend: "offline".into(),
+        operation: "cleanup".into(),
+        key: control.manifest().display().to_string(),
+        message: format!("offline cleanup did not remove every ingested sample: {}", errors.join("; ")),
     };
+    match control.mark_failed(&error.python_reason()) {
+        Ok(()) => Err(ProducerError { error, failure_recorded: true }),
+        Err(record) => Err(ProducerError {
+            error: Error::FailureHandling {
+                primary: Box::new(error),
+                record_error: Some(record.to_string()),
+                cleanup_errors: Vec::new(),
+            },
+            failure_recorded: false,
+        }),
+    }
+}
+
+/// The attempt failed with `primary`: `.failed` first, then cleanup, then the combined error.
+fn fail_attempt(
+    store: &dyn FeatureStoreApi,
+    control: &OfflineControl,
+    published: &[SampleId],
+    primary: Error,
+) -> ProducerError {
     // `.failed` before any cleanup; a write error must not skip the cleanup.
     let mut record_error = control.mark_failed(&primary.python_reason()).err();
     let mut failure_recorded = record_error.is_none();
-    let published = published.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut cleanup_errors: Vec<String> =
-        published.iter().filter_map(|sid| store.abort(sid).err()).map(|e| e.to_string()).collect();
-    if let Err(e) = store.drain(DrainPolicy::default()) {
-        cleanup_errors.push(e.to_string());
-    }
+    let (_, cleanup_errors) = clean_up(store, published);
     if record_error.is_none() && cleanup_errors.is_empty() {
-        return Err(ProducerError { error: primary, failure_recorded });
+        return ProducerError { error: primary, failure_recorded };
     }
     let rewrite = !cleanup_errors.is_empty();
     let mut error = Error::FailureHandling {
@@ -262,5 +437,5 @@ pub fn run_offline_producer_on(
             Err(_) => {} // the first write error is already reported
         }
     }
-    Err(ProducerError { error, failure_recorded })
+    ProducerError { error, failure_recorded }
 }

@@ -28,8 +28,11 @@
 //! * [`flow`] — producer flow control (ref and byte watermarks with hysteresis).
 //! * [`signal`] — [`signal::StopSignal`], a waitable stop flag.
 //! * [`manifest`] — `{"schema_version": 1, "refs": [...]}`, byte-compatible with SpecForge.
+//! * [`offline_consumer`] — the disaggregated offline consumer's lifecycle: wait for `.done`,
+//!   read the manifest, agree across ranks, `.consumed` or `.consumer_failed`.
 //! * [`sentinel`] — `.producer_claim`, `.done`, `.failed`, `.consumed`, `.consumer_failed`.
-//! * [`ingest`] — offline files into a store, in parallel, with exact cleanup on failure.
+//! * [`ingest`] — offline files into any store, in parallel, with exact cleanup on failure and,
+//!   for stores that keep bytes until freed, a hold until the consumer is done.
 #![forbid(unsafe_code)]
 
 pub mod atomic;
@@ -42,6 +45,7 @@ pub mod flow;
 pub mod ingest;
 pub mod ledger;
 pub mod manifest;
+pub mod offline_consumer;
 pub mod online;
 pub mod producer;
 pub mod queue;
@@ -53,7 +57,8 @@ pub mod stream_queue;
 
 pub use flow::{FlowControlLimits, ProducerFlowControl};
 pub use ingest::{
-    IngestOptions, IngestReport, ProducerError, ingest_files, run_offline_producer, run_offline_producer_on,
+    Hold, IngestOptions, IngestReport, ProducerError, ProducerEvent, ingest_files, run_offline_producer,
+    run_offline_producer_on,
 };
 pub use ledger::{DurableMarker, InMemoryLedger, Ledger, NoOpLedger, SqliteLedger};
 pub use manifest::{read_ref_manifest, write_ref_manifest};

@@ -364,7 +364,8 @@ pub struct RankReport {
 /// with the durable acknowledgement; on success drain the rank's store, agree on every rank's
 /// drain outcome, and (rank 0) publish `.consumer_done`; on failure publish `.consumer_failed`
 /// with `"<Type>: <message>"` (with a failed drain's error alongside, never masking the
-/// primary one). Call it on every rank; `rank0` is rank 0's [`agree_on_rank0_setup`] result,
+/// primary one), except when a peer rank's process is gone ([`Error::is_peer_loss`]): that is a
+/// crash of the consumer, which `--resume` recovers, so nothing terminal is published. Call it on every rank; `rank0` is rank 0's [`agree_on_rank0_setup`] result,
 /// whose distributor must be running.
 pub fn run_rank(
     config: &ConsumerConfig,
@@ -436,6 +437,13 @@ pub fn run_rank_with(
         Err(primary) => {
             // This rank will not reach another boundary: its peers must not wait for it.
             collective.abandon();
+            if primary.is_peer_loss() {
+                // A peer's process is gone: the consumer crashed, as a whole, and resumes as a
+                // whole (`--resume`). A terminal `.consumer_failed` would make the producer
+                // stop and free every sample the resumed attempt needs.
+                tracing::warn!(rank, error = %primary, "a peer rank is gone; this attempt can be resumed");
+                return Err(primary);
+            }
             // Failure: publish it (any rank may), with a failed drain's error beside it; the
             // caller gets the primary error.
             let mut text = primary.python_reason();

@@ -6,6 +6,11 @@
 //! aborted in the store (features the consumer has not deleted yet), external attempts are
 //! discarded and the store is drained.
 //!
+//! Ownership: each capture call's refs are disowned ([`FeatureStoreApi::disown`]) just before
+//! they are published. Through a daemon client that owns its puts, what this producer captured
+//! but never published dies with it (the daemon frees a dead session's samples), while what it
+//! published outlives it for the consumer. Other stores have nothing to disown.
+//!
 //! Capture is a trait ([`Capture`]): inference servers plug in; tests and `ferry demo` use a
 //! deterministic synthetic one.
 
@@ -13,7 +18,7 @@ use crate::channel::{FileRefChannel, PublishTransaction, RefSink, RefSource, sid
 use crate::controller::{ControllerOptions, DataFlowController};
 use crate::flow::{FlowControlLimits, ProducerFlowControl};
 use crate::ledger::NoOpLedger;
-use ferry_core::{Error, JsonMap, PromptTask, Result, SampleRef};
+use ferry_core::{Error, JsonMap, PromptTask, Result, SampleId, SampleRef};
 use ferry_store::{DrainPolicy, FeatureStoreApi};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -264,7 +269,7 @@ fn produce(
     let accounting = Mutex::new(Accounting::default());
     let report = Mutex::new(ProducerReport { prompts: plan.len(), ..ProducerReport::default() });
     let stop = AtomicBool::new(false);
-    let results: Vec<Result<bool>> = std::thread::scope(|scope| {
+    let results: Vec<Result<Option<String>>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..config.workers)
             .map(|w| {
                 let worker = format!("capture-{w}");
@@ -289,9 +294,14 @@ fn produce(
             })
             .collect()
     });
+    // Every worker gave up: the last capture error of each says why.
     let mut all_dead = true;
+    let mut last_errors = Vec::new();
     for result in results {
-        all_dead &= result?;
+        match result? {
+            Some(last) => last_errors.push(last),
+            None => all_dead = false,
+        }
     }
     let mut report = lock(&report).clone();
     if channel.consumer_stopped()? {
@@ -305,8 +315,10 @@ fn produce(
         return Err(Error::Protocol {
             context: "online producer".into(),
             message: format!(
-                "every capture worker failed {MAX_CONSECUTIVE_CAPTURE_FAILURES} times in a row with {} prompts left",
-                status.prompts_pending
+                "every capture worker failed {MAX_CONSECUTIVE_CAPTURE_FAILURES} times in a row with {} prompts left; \
+                 last error: {}",
+                status.prompts_pending,
+                last_errors.first().map_or("none recorded", String::as_str)
             ),
         });
     }
@@ -353,7 +365,8 @@ fn wait_for_quantum(config: &ProducerConfig, channel: &FileRefChannel) -> Result
     }
 }
 
-/// One capture worker; returns whether it gave up after consecutive failures.
+/// One capture worker; returns its last capture error if it gave up after consecutive
+/// failures, `None` if it ran out of prompts or was stopped.
 #[allow(clippy::too_many_arguments)]
 fn capture_loop(
     config: &ProducerConfig,
@@ -367,12 +380,12 @@ fn capture_loop(
     stop: &AtomicBool,
     flow: &ProducerFlowControl,
     quantum: u64,
-) -> Result<bool> {
+) -> Result<Option<String>> {
     let mut failures = 0u32;
     let mut paused_since: Option<Instant> = None;
     loop {
         if stop.load(Ordering::SeqCst) || channel.consumer_stopped()? {
-            return Ok(false);
+            return Ok(None);
         }
         // Read the counter under the lock: two workers reading it apart could reconcile an
         // older value after a newer one and see the counter move backwards.
@@ -404,11 +417,11 @@ fn capture_loop(
         paused_since = None;
         let tasks = controller.lease_prompt_tasks(worker, flow.prompt_lease(config.lease));
         if tasks.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
-        let refs = match capture.capture(&tasks) {
-            Ok(refs) if refs.len() == tasks.len() => refs,
+        let captured = match capture.capture(&tasks) {
+            Ok(refs) if refs.len() == tasks.len() => hand_over(store, refs, worker),
             Ok(refs) => {
                 for r in &refs {
                     let _ = store.abort(&r.sample_id);
@@ -418,12 +431,18 @@ fn capture_loop(
                     message: format!("capture returned {} refs for {} prompts", refs.len(), tasks.len()),
                 });
             }
+            Err(e) => Err(e),
+        };
+        let refs = match captured {
+            Ok(refs) => refs,
+            // A capture that failed, or whose refs could not be handed over (already aborted):
+            // the prompts are retried, as after any capture failure.
             Err(e) => {
                 controller.fail_prompt_tasks(worker, &ids, &e.python_reason(), true);
                 failures += 1;
                 tracing::warn!(worker, failures, error = %e, "capture failed");
                 if failures >= MAX_CONSECUTIVE_CAPTURE_FAILURES {
-                    return Ok(true);
+                    return Ok(Some(e.python_reason()));
                 }
                 continue;
             }
@@ -431,6 +450,28 @@ fn capture_loop(
         failures = 0;
         publish(config, channel, store, accounting, report, &refs, worker, in_flight)?;
         controller.complete_prompt_tasks(worker, &ids);
+    }
+}
+
+/// Disowns one capture call's refs so that they outlive this process once published (see the
+/// module docs); on failure they are aborted (best effort) and the error is returned, so the
+/// batch is never published and fails as a capture would.
+///
+/// Disown, *then* publish: a crash between the two leaves samples no ref names (an orphan the
+/// store's max-hold GC reclaims), never a published ref whose bytes the daemon frees because
+/// their owner died. The other order could hand the consumer refs to freed samples.
+fn hand_over(store: &dyn FeatureStoreApi, refs: Vec<SampleRef>, worker: &str) -> Result<Vec<SampleRef>> {
+    let ids: Vec<SampleId> = refs.iter().map(|r| r.sample_id.clone()).collect();
+    match store.disown(&ids) {
+        Ok(()) => Ok(refs),
+        Err(e) => {
+            for sid in &ids {
+                if let Err(abort) = store.abort(sid) {
+                    tracing::warn!(worker, sample = %sid, error = %abort, "could not abort a ref that was not handed over");
+                }
+            }
+            Err(e)
+        }
     }
 }
 

@@ -12,8 +12,15 @@
 //!
 //! Existence is the signal; content is the reason. Every write goes through a temp file, fsync
 //! and rename, so a reader never sees a half-written reason.
+//!
+//! Waits poll the file system ([`DEFAULT_POLL`], SpecForge's 0.25 s): a present failure file
+//! ends a wait at once with its reason and its path, an explicit deadline with
+//! [`Error::Timeout`] naming the awaited path, and (for [`wait_for_or_stop`]) a set
+//! [`StopSignal`] with an `Interrupted` I/O error. Without a deadline a wait is unbounded, as
+//! SpecForge's are.
 
 use crate::atomic::write_control_file;
+use crate::signal::StopSignal;
 use ferry_core::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -132,9 +139,21 @@ impl OfflineControl {
         wait_for(&self.done_path(), Some(&self.failed_path()), deadline, poll)
     }
 
-    /// Waits for the consumer's `.consumed`, failing at once on `.consumer_failed`.
+    /// Waits for the consumer's `.consumed`, failing at once on `.consumer_failed` (the error
+    /// names that file and its reason), and at `deadline` if given.
     pub fn wait_for_consumed(&self, deadline: Option<Instant>, poll: Duration) -> Result<()> {
         wait_for(&self.consumed_path(), Some(&self.consumer_failed_path()), deadline, poll)
+    }
+
+    /// [`OfflineControl::wait_for_consumed`] that also ends as soon as `stop` is set (see
+    /// [`wait_for_or_stop`]).
+    pub fn wait_for_consumed_or_stop(
+        &self,
+        deadline: Option<Instant>,
+        poll: Duration,
+        stop: &StopSignal,
+    ) -> Result<()> {
+        wait_for_or_stop(&self.consumed_path(), Some(&self.consumer_failed_path()), deadline, poll, stop)
     }
 }
 
@@ -153,33 +172,68 @@ pub fn read_reason(path: &Path) -> Option<String> {
     Some(if text.is_empty() { UNKNOWN_FAILURE.to_owned() } else { text })
 }
 
-/// Waits until `path` exists. A present `failure` file fails the wait with its reason; past
-/// `deadline` the wait fails with [`Error::Timeout`] naming the path.
+/// Waits until `path` exists. A present `failure` file fails the wait with its reason (the
+/// error names the failure file too); past `deadline` the wait fails with [`Error::Timeout`]
+/// naming the path.
 pub fn wait_for(path: &Path, failure: Option<&Path>, deadline: Option<Instant>, poll: Duration) -> Result<()> {
+    wait(path, failure, deadline, poll, None)
+}
+
+/// [`wait_for`] that also ends as soon as `stop` is set (a Ctrl-C while a producer holds its
+/// samples): an [`Error::Io`] of kind `Interrupted` naming the path. The awaited file wins
+/// over a failure file, and both over the stop signal and the deadline.
+pub fn wait_for_or_stop(
+    path: &Path,
+    failure: Option<&Path>,
+    deadline: Option<Instant>,
+    poll: Duration,
+    stop: &StopSignal,
+) -> Result<()> {
+    wait(path, failure, deadline, poll, Some(stop))
+}
+
+fn wait(
+    path: &Path,
+    failure: Option<&Path>,
+    deadline: Option<Instant>,
+    poll: Duration,
+    stop: Option<&StopSignal>,
+) -> Result<()> {
     let start = Instant::now();
     loop {
         if path.exists() {
             return Ok(());
         }
-        if let Some(reason) = failure.and_then(read_reason) {
+        if let Some((failure, reason)) = failure.and_then(|f| read_reason(f).map(|r| (f, r))) {
             return Err(Error::Backend {
                 backend: "control".into(),
                 operation: "wait".into(),
                 key: path.display().to_string(),
-                message: format!("remote role failed while waiting: {reason}"),
+                message: format!("remote role failed while waiting: {reason} (from {})", failure.display()),
             });
         }
+        if stop.is_some_and(StopSignal::is_set) {
+            return Err(Error::io(
+                format!("waiting for {}", path.display()),
+                &std::io::Error::new(std::io::ErrorKind::Interrupted, "stop requested"),
+            ));
+        }
         let now = Instant::now();
-        if let Some(deadline) = deadline {
-            if now >= deadline {
+        let nap = match deadline {
+            Some(deadline) if now >= deadline => {
                 return Err(Error::Timeout {
                     what: path.display().to_string(),
                     waited_ms: now.duration_since(start).as_millis() as u64,
                 });
             }
-            std::thread::sleep(poll.min(deadline - now));
-        } else {
-            std::thread::sleep(poll);
+            Some(deadline) => poll.min(deadline - now),
+            None => poll,
+        };
+        match stop {
+            Some(stop) => {
+                stop.wait_timeout(nap);
+            }
+            None => std::thread::sleep(nap),
         }
     }
 }

@@ -305,16 +305,17 @@ fn a_cleanup_failure_in_another_process_fails_both_ranks_identically() {
 }
 
 #[test]
-fn a_dead_peer_process_fails_the_round_with_an_io_error() {
+fn a_dead_peer_process_fails_the_round_as_a_lost_peer() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("unix://{}", dir.path().join("dp.sock").display());
     let child = spawn_rank1(&addr, &["FERRY_DP_EXIT_EARLY"]);
     let group = SocketGroup::rendezvous(&GroupAddress::parse(&addr).unwrap(), "job", 0, 2, TIMEOUT).unwrap();
     assert_eq!(child_lines(child), ["joined"]);
     let err = group.all_gather(b"ids".to_vec()).unwrap_err();
-    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(matches!(err, Error::PeerLost { .. }) && err.is_peer_loss(), "{err}");
+    assert_eq!(err.python_exception(), "ConnectionError");
     let again = group.all_gather(b"ids".to_vec()).unwrap_err();
-    assert!(again.to_string().contains("every rank must restart"), "{again}");
+    assert!(again.to_string().contains("every rank must restart") && again.is_peer_loss(), "{again}");
 }
 
 #[test]

@@ -1,15 +1,23 @@
 //! The offline control path against SpecForge's own artifacts: the manifest is byte-identical,
-//! the sentinel protocol behaves as §7.5 says, and ingest publishes exactly what it put and
-//! cleans up exactly that on failure.
+//! the sentinel protocol behaves as §7.5 says, ingest publishes exactly what it put and cleans
+//! up exactly that on failure, and a holding producer frees its samples once the consumer is
+//! done (or failed, or never came).
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 
+mod common;
+
+use common::RecordingStore;
 use ferry_control::manifest::manifest_bytes;
 use ferry_control::sentinel::wait_for;
-use ferry_control::{IngestOptions, OfflineControl, ingest_files, read_ref_manifest, run_offline_producer};
+use ferry_control::signal::StopSignal;
+use ferry_control::{
+    Hold, IngestOptions, IngestReport, OfflineControl, ProducerError, ProducerEvent, ingest_files, read_ref_manifest,
+    run_offline_producer,
+};
 use ferry_core::{Error, SampleRef};
 use ferry_store::offline::list_feature_files;
 use ferry_store::testing::{FaultyBackend, RemoveFault};
-use ferry_store::{FeatureStore, MemoryBackend, SharedDirBackend, StoreOptions};
+use ferry_store::{FeatureStore, FeatureStoreApi, MemoryBackend, SharedDirBackend, StoreOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -192,7 +200,7 @@ fn cleanup_failures_are_loud_and_land_in_failed() {
     assert!(err.failure_recorded, "{err}");
     let err = err.to_string();
     assert!(err.contains("missing required offline feature keys"), "{err}");
-    assert!(err.contains("offline cleanup did not remove every ingested sample"), "{err}");
+    assert!(err.contains("cleanup did not remove every sample the attempt published"), "{err}");
     let failed = control.failure().unwrap();
     assert!(failed.contains("could not drain"), "{failed}");
     assert_eq!(failed, format!("RuntimeError: {err}"));
@@ -238,7 +246,7 @@ fn options_dflash(mut options: IngestOptions) -> IngestOptions {
 
 /// Makes every write of `<manifest>.failed` fail: its temp path is taken by a directory.
 fn block_failed_writes(control: &OfflineControl) -> PathBuf {
-    let tmp = PathBuf::from(format!("{}.tmp.{}", control.failed_path().display(), std::process::id()));
+    let tmp = ferry_control::atomic::pid_temp(&control.failed_path());
     std::fs::create_dir_all(&tmp).unwrap();
     tmp
 }
@@ -356,6 +364,253 @@ fn unwritable_failed_and_failed_cleanup_are_both_reported() {
     let text = err.to_string();
     assert!(text.starts_with("KeyError: ") && text.contains("missing required offline feature keys"), "{text}");
     assert!(text.contains("recording the failure failed: writing") && text.contains("manifest.json.failed"), "{text}");
-    assert!(text.contains("offline cleanup did not remove every ingested sample"), "{text}");
+    assert!(text.contains("cleanup did not remove every sample the attempt published"), "{text}");
     assert_eq!(err.error.python_exception(), "RuntimeError");
+}
+
+/// A hold that checks often and gives up after a minute (a lost consumer fails the test, never
+/// hangs it).
+fn holding(timeout: Duration) -> IngestOptions {
+    IngestOptions {
+        workers: 2,
+        hold: Hold::UntilConsumed { timeout: Some(timeout), poll: Duration::from_millis(2) },
+        ..IngestOptions::default()
+    }
+}
+
+/// Runs the producer over the EAGLE3 fixtures on a thread; once `.done` appears (at most a
+/// minute), `consumer` plays the consumer's part. Returns the producer's result and the
+/// `Holding` events it reported.
+fn run_with_consumer(
+    store: &dyn FeatureStoreApi,
+    control: &OfflineControl,
+    options: &IngestOptions,
+    consumer: impl FnOnce(&OfflineControl),
+) -> (Result<IngestReport, ProducerError>, Vec<PathBuf>) {
+    let holds = Mutex::new(Vec::new());
+    let on_event = |event: ProducerEvent<'_>| {
+        if let ProducerEvent::Holding { consumed } = event {
+            holds.lock().unwrap().push(consumed.to_owned());
+        }
+    };
+    let result = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            run_offline_producer(store, &fixtures().join("specforge-offline-eagle3"), control, options, &on_event)
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        if control.wait_for_done(Some(deadline), Duration::from_millis(2)).is_ok() {
+            consumer(control);
+        }
+        producer.join().unwrap()
+    });
+    (result, holds.into_inner().unwrap())
+}
+
+/// The recorded aborts (ids) and drains, in order.
+fn aborts_and_drains(store: &RecordingStore) -> (Vec<String>, Vec<usize>) {
+    let events = store.events();
+    let aborts = events.iter().filter_map(|e| e.strip_prefix("abort ").map(str::to_owned)).collect();
+    let drains = events.iter().enumerate().filter(|(_, e)| *e == "drain").map(|(i, _)| i).collect();
+    (aborts, drains)
+}
+
+/// The recorded disowns (ids), sorted.
+fn disowned(store: &RecordingStore) -> Vec<String> {
+    let mut ids: Vec<String> =
+        store.events().iter().filter_map(|e| e.strip_prefix("disown ").map(str::to_owned)).collect();
+    ids.sort();
+    ids
+}
+
+/// A store that records, at each abort, whether `<manifest>.failed` already existed.
+fn store_watching_failed(control: &OfflineControl, fail_drain: bool) -> (RecordingStore, Arc<Mutex<Vec<bool>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (failed, record) = (control.failed_path(), Arc::clone(&seen));
+    let hook = Box::new(move |_: &ferry_core::SampleId| record.lock().unwrap().push(failed.exists()));
+    (RecordingStore::with(false, fail_drain, Some(hook)), seen)
+}
+
+fn resident_samples(store: &dyn FeatureStoreApi) -> u64 {
+    store.health().unwrap().resident_samples
+}
+
+#[test]
+fn a_held_attempt_frees_every_published_sample_once_consumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let store = RecordingStore::with(false, false, None);
+    let (result, holds) = run_with_consumer(&store, &control, &holding(Duration::from_secs(60)), |control| {
+        // The samples are held, untouched, until the consumer says it is done.
+        assert_eq!(resident_samples(&store), 4);
+        assert_eq!(aborts_and_drains(&store), (vec![], vec![]));
+        control.mark_consumed().unwrap();
+    });
+    let report = result.unwrap();
+    assert_eq!(holds, [control.consumed_path()]);
+    assert_eq!(report.cleaned_up, 4);
+    assert_eq!(disowned(&store), Vec::<String>::new(), "a holding producer keeps its samples owned");
+    let (mut aborts, drains) = aborts_and_drains(&store);
+    aborts.sort();
+    let ids: Vec<String> = report.refs.iter().map(|r| r.sample_id.to_string()).collect();
+    assert_eq!(aborts, ids, "every published ref aborted, once");
+    assert_eq!(drains, [store.events().len() - 1], "exactly one drain, after the aborts");
+    assert!(!control.failed_path().exists());
+    assert!(control.done_path().exists() && control.consumed_path().exists());
+    assert_eq!(read_ref_manifest(control.manifest()).unwrap(), report.refs);
+    let health = store.health().unwrap();
+    assert_eq!((health.resident_samples, health.resident_bytes), (0, 0));
+}
+
+#[test]
+fn a_consumer_failure_while_holding_fails_the_attempt_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let (store, failed_at_abort) = store_watching_failed(&control, false);
+    let (result, _) = run_with_consumer(&store, &control, &holding(Duration::from_secs(60)), |control| {
+        control.mark_consumer_failed("RuntimeError: loader crashed").unwrap();
+    });
+    let err = result.unwrap_err();
+    assert!(err.failure_recorded, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("RuntimeError: loader crashed"), "the consumer's reason: {text}");
+    assert!(text.contains("manifest.json.consumer_failed"), "the failure file is named: {text}");
+    assert_eq!(control.failure().unwrap(), format!("RuntimeError: {text}"));
+    let seen = failed_at_abort.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4, "every published ref aborted");
+    assert!(seen[0], ".failed is written before the first abort");
+    assert_eq!(aborts_and_drains(&store).1.len(), 1, "one drain");
+    assert_eq!(resident_samples(&store), 0);
+}
+
+#[test]
+fn a_hold_timeout_fails_the_attempt_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let (store, failed_at_abort) = store_watching_failed(&control, false);
+    // No consumer: the hold gives up after 50 ms.
+    let (result, holds) = run_with_consumer(&store, &control, &holding(Duration::from_millis(50)), |_| {});
+    let err = result.unwrap_err();
+    assert_eq!(holds, [control.consumed_path()]);
+    assert!(
+        matches!(err.error.primary(), Error::Timeout { what, .. } if what.ends_with("manifest.json.consumed")),
+        "{err}"
+    );
+    assert!(err.failure_recorded);
+    assert!(control.failure().unwrap().starts_with("TimeoutError: "), "{:?}", control.failure());
+    let seen = failed_at_abort.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    assert!(seen[0], ".failed is written before the first abort");
+    assert_eq!(aborts_and_drains(&store).1.len(), 1, "one drain");
+    assert_eq!(resident_samples(&store), 0);
+}
+
+#[test]
+fn a_drain_failure_after_a_consumed_hold_is_loud_and_lands_in_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let (store, failed_at_abort) = store_watching_failed(&control, true);
+    let (result, _) =
+        run_with_consumer(&store, &control, &holding(Duration::from_secs(60)), |c| c.mark_consumed().unwrap());
+    let err = result.unwrap_err();
+    assert!(err.failure_recorded, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("offline cleanup did not remove every ingested sample"), "{text}");
+    assert!(text.contains("injected drain failure"), "{text}");
+    assert_eq!(control.failure().unwrap(), format!("RuntimeError: {text}"));
+    assert_eq!(*failed_at_abort.lock().unwrap(), [false; 4], "a consumed attempt had not failed when it aborted");
+    let (aborts, drains) = aborts_and_drains(&store);
+    assert_eq!((aborts.len(), drains), (4, vec![4]), "the drain ran after all four aborts");
+    assert!(control.done_path().exists() && control.consumed_path().exists());
+}
+
+#[test]
+fn a_stop_request_ends_a_hold_as_a_failure_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let (store, failed_at_abort) = store_watching_failed(&control, false);
+    let stop = Arc::new(StopSignal::new());
+    let options = IngestOptions { stop: Some(Arc::clone(&stop)), ..holding(Duration::from_secs(60)) };
+    let (result, _) = run_with_consumer(&store, &control, &options, |_| stop.set());
+    let err = result.unwrap_err();
+    assert_eq!(err.error.python_exception(), "InterruptedError", "{err}");
+    assert!(err.to_string().contains("manifest.json.consumed"), "{err}");
+    assert!(control.failure().unwrap().starts_with("InterruptedError: "));
+    assert!(failed_at_abort.lock().unwrap()[0]);
+    assert_eq!(resident_samples(&store), 0);
+}
+
+#[test]
+fn a_stop_request_before_ingest_takes_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let store = RecordingStore::with(false, false, None);
+    let stop = Arc::new(StopSignal::new());
+    stop.set();
+    let options = IngestOptions { stop: Some(stop), ..IngestOptions::default() };
+    let err = run_offline_producer(&store, &fixtures().join("specforge-offline-eagle3"), &control, &options, &|_| {})
+        .unwrap_err();
+    assert_eq!(err.error.python_exception(), "InterruptedError", "{err}");
+    assert!(!control.manifest().exists() && control.failed_path().exists());
+    assert_eq!(resident_samples(&store), 0);
+}
+
+#[test]
+fn without_a_hold_nothing_is_aborted_or_drained() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let store = RecordingStore::with(false, false, None);
+    let events = Mutex::new(Vec::new());
+    let report = run_offline_producer(
+        &store,
+        &fixtures().join("specforge-offline-eagle3"),
+        &control,
+        &IngestOptions { workers: 2, ..IngestOptions::default() },
+        &|event| events.lock().unwrap().push(format!("{event:?}")),
+    )
+    .unwrap();
+    assert_eq!(report.cleaned_up, 0);
+    assert_eq!(aborts_and_drains(&store), (vec![], vec![]));
+    assert_eq!(resident_samples(&store), 4, "the samples stay for any later reader");
+    let events = events.into_inner().unwrap();
+    assert_eq!(events.len(), 4, "one event per file, no hold: {events:?}");
+    assert!(events.iter().all(|e| e.starts_with("FileIngested")), "{events:?}");
+    assert!(control.done_path().exists() && !control.failed_path().exists());
+}
+
+#[test]
+fn without_a_hold_every_published_ref_is_disowned_after_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let mut store = RecordingStore::with(false, false, None);
+    let done_at_disown = Arc::new(Mutex::new(Vec::new()));
+    let (done, seen) = (control.done_path(), Arc::clone(&done_at_disown));
+    store.on_disown = Some(Box::new(move |_: &[ferry_core::SampleId]| seen.lock().unwrap().push(done.exists())));
+    let options = IngestOptions { workers: 2, ..IngestOptions::default() };
+    let report =
+        run_offline_producer(&store, &fixtures().join("specforge-offline-eagle3"), &control, &options, &|_| {})
+            .unwrap();
+    let mut ids: Vec<String> = report.refs.iter().map(|r| r.sample_id.to_string()).collect();
+    ids.sort();
+    assert_eq!(disowned(&store), ids, "every published ref disowned, once");
+    assert_eq!(*done_at_disown.lock().unwrap(), [true], "one call, after .done");
+    assert_eq!(aborts_and_drains(&store), (vec![], vec![]));
+    assert_eq!(resident_samples(&store), 4);
+}
+
+#[test]
+fn a_failed_disown_without_a_hold_fails_the_attempt_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = OfflineControl::new(dir.path().join("manifest.json"));
+    let mut store = RecordingStore::with(false, false, None);
+    store.fail_disown = true;
+    let options = IngestOptions { workers: 2, ..IngestOptions::default() };
+    let err = run_offline_producer(&store, &fixtures().join("specforge-offline-eagle3"), &control, &options, &|_| {})
+        .unwrap_err();
+    assert!(err.failure_recorded, "{err}");
+    assert!(err.to_string().contains("injected disown failure"), "{err}");
+    assert!(control.done_path().exists(), "the disown comes after .done");
+    assert!(control.failure().unwrap().contains("injected disown failure"));
+    let (aborts, drains) = aborts_and_drains(&store);
+    assert_eq!((aborts.len(), drains.len()), (4, 1), "every published ref aborted, then one drain");
+    assert_eq!(resident_samples(&store), 0);
 }

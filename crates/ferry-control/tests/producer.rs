@@ -2,15 +2,19 @@
 //! threads): every prompt of every epoch trained exactly once, backpressure bounding what is in
 //! flight, terminal capture failures refusing a successful end of stream (the consumer sees the
 //! producer's failure), a consumer failure stopping the producer, a reused channel refused, and
-//! the cleanup leaving the store empty.
+//! the cleanup leaving the store empty; every ref disowned before it is published, and a batch
+//! whose disown fails never published.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::RecordingStore;
 use ferry_control::channel::{FileRefChannel, RefSink, RefSource};
 use ferry_control::collective::{Collective, LocalGroup};
 use ferry_control::flow::FlowControlLimits;
 use ferry_control::online::{ConsumerConfig, agree_on_rank0_setup, run_rank};
 use ferry_control::producer::{Capture, ProducerConfig, ProducerReport, epoch_plan, run_producer};
-use ferry_core::{Error, JsonMap, PromptTask, Result, SampleRef, TensorView};
+use ferry_core::{Error, JsonMap, PromptTask, Result, SampleId, SampleRef, TensorView};
 use ferry_store::{FeatureStore, FeatureStoreApi, StoreOptions, open_store};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -19,15 +23,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Deterministic capture: 8 int64 tokens per prompt into the store; fails the prompts whose
-/// payload says so, or every call after `fail_after` calls.
-struct Synthetic {
-    store: Arc<FeatureStore>,
+/// Deterministic capture: 8 int64 tokens per prompt into the store (the producer's too);
+/// fails every call after `fail_after` calls.
+struct Synthetic<S: FeatureStoreApi = FeatureStore> {
+    store: Arc<S>,
     calls: AtomicUsize,
     fail_after: Option<usize>,
 }
 
-impl Capture for Synthetic {
+impl<S: FeatureStoreApi> Capture for Synthetic<S> {
     fn capture(&self, tasks: &[PromptTask]) -> Result<Vec<SampleRef>> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail_after.is_some_and(|n| call >= n) {
@@ -43,7 +47,8 @@ impl Capture for Synthetic {
             .map(|t| {
                 let seed = t.task_id.bytes().fold(7i64, |h, b| h.wrapping_mul(31).wrapping_add(i64::from(b)));
                 let ids: Vec<i64> = (0..8).map(|i| seed.wrapping_add(i)).collect();
-                let mut r = self.store.put(
+                let mut r = FeatureStoreApi::put(
+                    &*self.store,
                     format!("run0:{}", t.task_id).as_str(),
                     &[("input_ids", TensorView::from_elements(&[8], &ids).unwrap())],
                     JsonMap::new(),
@@ -98,10 +103,10 @@ fn consumer_config(dir: &Path) -> ConsumerConfig {
 
 /// Runs the producer and a 2-rank consumer (threads); returns the producer's result, each
 /// rank's result and the ids every rank trained.
-fn run_both(
+fn run_both<S: FeatureStoreApi + 'static>(
     dir: &Path,
     producer: ProducerConfig,
-    capture: Arc<Synthetic>,
+    capture: Arc<Synthetic<S>>,
     fail_training: bool,
 ) -> (Result<ProducerReport>, Vec<Result<u64>>, Vec<String>) {
     let trained = Arc::new(Mutex::new(Vec::new()));
@@ -245,4 +250,65 @@ fn epochs_reshuffle_deterministically_with_distinct_task_ids() {
     assert_eq!(plan[0]["metadata"]["prompt_epochs"], 2);
     let single = epoch_plan(&prompts(5), 1, 7);
     assert!(single.iter().all(|p| p["task_id"].as_str().unwrap().starts_with('p')), "one epoch keeps the ids");
+}
+
+/// The sample ids of every ref in the channel file now (a raw read: what any reader could see).
+fn channel_ids(channel: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(channel).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|record| record.get("sample_id").and_then(|v| v.as_str()).map(str::to_owned))
+        .collect()
+}
+
+/// Every published ref was disowned first: at each disown, none of its ids is in the channel
+/// yet, and every id the channel ends with was disowned exactly once.
+#[test]
+fn every_ref_is_disowned_before_it_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let channel = dir.path().join("control/refs.jsonl");
+    let early = Arc::new(Mutex::new(Vec::new()));
+    let mut store = RecordingStore::with(false, false, None);
+    let (path, seen) = (channel.clone(), Arc::clone(&early));
+    store.on_disown = Some(Box::new(move |ids: &[SampleId]| {
+        let published = channel_ids(&path);
+        seen.lock().unwrap().extend(ids.iter().filter(|id| published.contains(&id.to_string())).cloned());
+    }));
+    let capture = Arc::new(Synthetic { store: Arc::new(store), calls: AtomicUsize::new(0), fail_after: None });
+    let (produced, ranks, trained) =
+        run_both(dir.path(), producer_config(dir.path(), prompts(16), 1), capture.clone(), false);
+    assert_eq!(produced.unwrap().published, 16);
+    assert!(ranks.iter().all(Result::is_ok), "{ranks:?}");
+    assert_eq!(trained.len(), 16, "two whole windows");
+    assert!(early.lock().unwrap().is_empty(), "disowned after being published: {:?}", early.lock().unwrap());
+    let mut disowned: Vec<String> =
+        capture.store.events().iter().filter_map(|e| e.strip_prefix("disown ").map(str::to_owned)).collect();
+    disowned.sort();
+    let mut published = channel_ids(&channel);
+    published.sort();
+    assert_eq!(published.len(), 16);
+    assert_eq!(disowned, published, "every published ref disowned, once");
+}
+
+/// A batch whose disown fails is never published: its refs are aborted and the prompts fail as
+/// after a capture failure, until the workers give up; the store ends empty.
+#[test]
+fn a_failed_disown_fails_the_batch_like_a_capture_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RecordingStore::with(false, false, None);
+    store.fail_disown = true;
+    let capture = Arc::new(Synthetic { store: Arc::new(store), calls: AtomicUsize::new(0), fail_after: None });
+    let (produced, ranks, _) =
+        run_both(dir.path(), producer_config(dir.path(), prompts(12), 1), capture.clone(), false);
+    let err = produced.unwrap_err().to_string();
+    assert!(err.contains("capture worker failed") || err.contains("partial data"), "{err}");
+    assert!(ranks.iter().all(Result::is_err), "the consumer sees the producer's failure: {ranks:?}");
+    assert!(channel_ids(&dir.path().join("control/refs.jsonl")).is_empty(), "nothing published");
+    let events = capture.store.events();
+    let disowned: Vec<&str> = events.iter().filter_map(|e| e.strip_prefix("disown ")).collect();
+    let aborted: Vec<&str> = events.iter().filter_map(|e| e.strip_prefix("abort ")).collect();
+    assert!(!disowned.is_empty(), "capture succeeded; the disown failed");
+    assert!(disowned.iter().all(|id| aborted.contains(id)), "every batch not handed over was aborted");
+    let health = capture.store.health().unwrap();
+    assert_eq!((health.resident_samples, health.release_pending), (0, 0));
 }

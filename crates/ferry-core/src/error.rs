@@ -200,6 +200,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A peer of a data-parallel group is gone: its connection closed mid-round (its process
+    /// died, or it failed and left the group). A crash of one rank is a crash of the consumer:
+    /// the survivors stop without publishing a terminal failure, and the attempt resumes.
+    #[error("{context}: {message}")]
+    PeerLost {
+        /// The group and rank that noticed.
+        context: String,
+        /// What was seen.
+        message: String,
+    },
+
     /// A control-plane protocol rule was broken: an acknowledgement that is not the leased
     /// prefix, a counter that moved backwards, a consumer quantum changed across a resume, a
     /// half-dispatched window at end of stream. Retrying the same call cannot succeed.
@@ -309,7 +320,11 @@ impl fmt::Display for FailureHandlingDisplay<'_> {
                 write!(f, "; recording the failure failed: {record_error}")?;
             }
             if !cleanup_errors.is_empty() {
-                write!(f, "; offline cleanup did not remove every ingested sample: {}", cleanup_errors.join("; "))?;
+                write!(
+                    f,
+                    "; cleanup did not remove every sample the attempt published: {}",
+                    cleanup_errors.join("; ")
+                )?;
             }
         }
         Ok(())
@@ -404,7 +419,22 @@ impl Error {
             | Error::PeerFailed { .. }
             | Error::Protocol { .. }
             | Error::Collective { .. } => "RuntimeError",
+            Error::PeerLost { .. } => "ConnectionError",
             Error::Remote { exception, .. } => known_exception(exception),
+        }
+    }
+
+    /// `true` when a peer's process is gone rather than something having failed: a lost group
+    /// connection, or a peer's failure reported as a `ConnectionError` (a rank that saw rank 0's
+    /// process end). Such an attempt is resumable, so no terminal failure is published for it.
+    pub fn is_peer_loss(&self) -> bool {
+        match self.primary() {
+            Error::PeerLost { .. } => true,
+            // A relayed reason keeps the original on its last line ("ref-distributor died:\n…").
+            Error::PeerFailed { reason, .. } => {
+                reason.rsplit('\n').next().is_some_and(|last| last.starts_with("ConnectionError:"))
+            }
+            _ => false,
         }
     }
 
@@ -425,6 +455,25 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_gone_peer_is_a_peer_loss() {
+        let lost = Error::PeerLost { context: "collective all-gather on rank 0".into(), message: "EOF".into() };
+        assert!(lost.is_peer_loss());
+        assert_eq!(lost.python_exception(), "ConnectionError");
+        let relayed = |reason: &str| Error::PeerFailed {
+            channel: "inbox-rank1.jsonl".into(),
+            peer: "ref-distributor".into(),
+            reason: reason.into(),
+        };
+        assert!(relayed("ref-distributor died:\nConnectionError: rank 0 is gone").is_peer_loss());
+        assert!(relayed("ConnectionError: rank 0 is gone").is_peer_loss());
+        assert!(!relayed("ref-distributor died:\nRuntimeError: ledger locked").is_peer_loss());
+        let wrapped = Error::FailureHandling { primary: Box::new(lost), record_error: None, cleanup_errors: vec![] };
+        assert!(wrapped.is_peer_loss());
+        assert!(!Error::Collective { message: "rank 1 failed".into() }.is_peer_loss());
+        assert!(!Error::timeout("a collective round", std::time::Duration::from_secs(1)).is_peer_loss());
+    }
 
     #[test]
     fn errors_survive_a_json_round_trip() {
@@ -474,6 +523,6 @@ mod tests {
         let text = combined.to_string();
         assert!(text.starts_with("KeyError: /d/b.ckpt missing required"), "{text}");
         assert!(text.contains("; recording the failure failed: writing /m.failed"), "{text}");
-        assert!(text.ends_with("offline cleanup did not remove every ingested sample: remove failed"), "{text}");
+        assert!(text.ends_with("cleanup did not remove every sample the attempt published: remove failed"), "{text}");
     }
 }

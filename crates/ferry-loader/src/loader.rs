@@ -20,7 +20,7 @@ use crate::sampler::DistributedShard;
 use crate::strategies::{Strategy, StrategyRegistry};
 use ferry_control::queue::RefQueue;
 use ferry_core::{BufferPool, Error, Result, SampleRef, TrainBatch};
-use ferry_store::FeatureStore;
+use ferry_store::FeatureStoreApi;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -96,7 +96,7 @@ pub const DEFAULT_BATCH_POOL_BYTES: u64 = 1 << 30;
 
 /// Builds a [`FeatureLoader`]; every option has SpecForge's default.
 pub struct FeatureLoaderBuilder {
-    store: FeatureStore,
+    store: Arc<dyn FeatureStoreApi>,
     source: RefSource,
     batch_size: usize,
     drop_last: bool,
@@ -309,10 +309,12 @@ impl std::fmt::Debug for FeatureLoader {
 }
 
 impl FeatureLoader {
-    /// A builder reading `source` from `store`.
-    pub fn builder(store: FeatureStore, source: RefSource) -> FeatureLoaderBuilder {
+    /// A builder reading `source` from `store`: any store, in this process (a
+    /// [`ferry_store::FeatureStore`]) or behind a node daemon (`ferry_net::Client`), so every
+    /// topology runs the same loader and only the ref source and the store change.
+    pub fn builder(store: impl Into<Arc<dyn FeatureStoreApi>>, source: RefSource) -> FeatureLoaderBuilder {
         FeatureLoaderBuilder {
-            store,
+            store: store.into(),
             source,
             batch_size: 1,
             drop_last: true,
@@ -388,6 +390,24 @@ impl FeatureLoader {
     /// The epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Materializes `refs` as one batch now, on the calling thread, exactly as a pass would
+    /// (validation, offline processing, collation, leases released at once), whatever this
+    /// loader's own ref source. For callers that receive refs another way: an online rank that
+    /// takes each optimizer step's micro-batches from its inbox stream
+    /// (`ferry_control::online::RankStream`) and acknowledges them at the durable ack.
+    pub fn load_batch(&self, refs: &[SampleRef]) -> Result<TrainBatch> {
+        if refs.is_empty() {
+            return Err(Error::InvalidArgument("load_batch needs at least one ref".into()));
+        }
+        let never = AtomicBool::new(false);
+        crate::materialize::materialize_batch(&self.ctx, refs, &never)?
+            // Only a raised stop ends a materialization early, and this one is never raised.
+            .ok_or_else(|| Error::Protocol {
+                context: "feature loader".into(),
+                message: "a batch materialization stopped with no stop raised".into(),
+            })
     }
 
     /// Starts a pass, consuming any pending seek. The pass yields `Result<TrainBatch>` and ends

@@ -26,7 +26,7 @@ use crate::collate::{self, BatchPlan, FeatureEntry, SampleFeatures};
 use crate::strategies::{Layout, Strategy};
 use crate::validate::validate_batch;
 use ferry_core::{BufferPool, Error, JsonMap, Result, SampleId, SampleRef, TensorBuf, TrainBatch};
-use ferry_store::FeatureStore;
+use ferry_store::FeatureStoreApi;
 use indexmap::IndexMap;
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,7 +62,7 @@ impl GcTimer {
         GcTimer { interval, last: Mutex::new(Instant::now()) }
     }
 
-    fn maybe_run(&self, store: &FeatureStore) {
+    fn maybe_run(&self, store: &dyn FeatureStoreApi) {
         let due = {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
             let due = last.elapsed() >= self.interval;
@@ -72,15 +72,18 @@ impl GcTimer {
             due
         };
         if due {
-            let report = store.gc();
-            tracing::debug!(?report, "feature loader ran store gc");
+            match store.gc() {
+                Ok(report) => tracing::debug!(?report, "feature loader ran store gc"),
+                // GC is housekeeping: a failed sweep is retried at the next interval.
+                Err(error) => tracing::warn!(%error, "feature loader's store gc failed"),
+            }
         }
     }
 }
 
 /// What every batch of one loader shares.
 pub(crate) struct BatchContext {
-    pub(crate) store: FeatureStore,
+    pub(crate) store: Arc<dyn FeatureStoreApi>,
     pub(crate) strategy: Strategy,
     pub(crate) transform: Option<Arc<SampleTransform>>,
     pub(crate) pool: BufferPool,
@@ -239,7 +242,7 @@ fn read_into_batch(
                 zero_last_element(dsts[c].1, plan.columns[c].dtype);
             }
             if let Some(gc) = &ctx.gc {
-                gc.maybe_run(&ctx.store);
+                gc.maybe_run(ctx.store.as_ref());
             }
         }
     }
@@ -290,7 +293,7 @@ fn read_transform_copy(
             ctx.store.release(&handle)?;
         }
         if let Some(gc) = &ctx.gc {
-            gc.maybe_run(&ctx.store);
+            gc.maybe_run(ctx.store.as_ref());
         }
         let mut tensors = IndexMap::with_capacity(bufs.len());
         for (f, mut buf) in described.features.features.into_iter().zip(bufs) {

@@ -55,7 +55,7 @@ use crate::materialize::{BatchContext, materialize_batch};
 use ferry_control::queue::RefQueue;
 use ferry_control::signal::StopSignal;
 use ferry_core::{Error, Result, SampleId, SampleRef, TrainBatch};
-use ferry_store::{DrainPolicy, FeatureStore};
+use ferry_store::{DrainPolicy, FeatureStoreApi};
 use std::collections::{HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -251,7 +251,7 @@ impl QueuePass {
             return self.end(None);
         }
         if refs.len() < settings.batch_size && settings.drop_last {
-            let settled = settle_incomplete_tail(&self.ctx.store, self.queue(), &refs, settings.batch_size);
+            let settled = settle_incomplete_tail(self.ctx.store.as_ref(), self.queue(), &refs, settings.batch_size);
             return match settled {
                 Ok(()) => self.end(None),
                 Err(e) => self.end_with_error(e),
@@ -398,7 +398,7 @@ fn fail_after_materialize_error(queue: &dyn RefQueue, refs: &[SampleRef], error:
 
 /// Settles a short final batch (see the module doc): fail terminally, then free each sample.
 fn settle_incomplete_tail(
-    store: &FeatureStore,
+    store: &dyn FeatureStoreApi,
     queue: &dyn RefQueue,
     refs: &[SampleRef],
     batch_size: usize,
@@ -428,7 +428,7 @@ fn settle_incomplete_tail(
 }
 
 /// Frees one sample of an incomplete tail (nothing for a read-only `file://` ref).
-fn free_tail_sample(store: &FeatureStore, r: &SampleRef) -> Result<()> {
+fn free_tail_sample(store: &dyn FeatureStoreApi, r: &SampleRef) -> Result<()> {
     if is_file_ref(r) {
         return Ok(());
     }
@@ -495,7 +495,7 @@ struct PrefetchState {
 /// The prefetch thread and what it shares with the consumer.
 struct Prefetch {
     queue: Arc<dyn RefQueue>,
-    store: FeatureStore,
+    store: Arc<dyn FeatureStoreApi>,
     depth: usize,
     state: Mutex<PrefetchState>,
     /// Signalled on every change of `state`.
@@ -519,7 +519,7 @@ impl Prefetch {
     fn start(ctx: &Arc<BatchContext>, queue: &Arc<dyn RefQueue>, settings: QueueSettings) -> Result<Arc<Prefetch>> {
         let prefetch = Arc::new(Prefetch {
             queue: Arc::clone(queue),
-            store: ctx.store.clone(),
+            store: Arc::clone(&ctx.store),
             depth: settings.prefetch_depth.max(1),
             state: Mutex::new(PrefetchState::default()),
             changed: Condvar::new(),
@@ -666,7 +666,9 @@ impl Prefetch {
             return Ok(());
         }
         let queue_retryable = self.queue.loader_close_retryable();
-        let retains = self.store.retains_on_release();
+        // A store that cannot say (a daemon gone away) counts as consume-once: a read that may
+        // have freed the bytes is never offered for a retry that would then fail.
+        let retains = self.store.retains_on_release().unwrap_or(false);
         let (retry, terminal): (Vec<Outstanding>, Vec<Outstanding>) =
             outstanding.into_iter().partition(|o| queue_retryable || !o.materialized || retains || is_file_ref(&o.r));
         let retry: Vec<SampleRef> = retry.into_iter().map(|o| o.r).collect();
@@ -719,10 +721,11 @@ fn prefetch_worker(shared: &Prefetch, ctx: &BatchContext, settings: QueueSetting
         }
         if refs.len() < settings.batch_size && settings.drop_last {
             shared.untrack(&refs);
-            let item = match settle_incomplete_tail(&ctx.store, shared.queue.as_ref(), &refs, settings.batch_size) {
-                Ok(()) => Item::End,
-                Err(e) => Item::Failed(e),
-            };
+            let item =
+                match settle_incomplete_tail(ctx.store.as_ref(), shared.queue.as_ref(), &refs, settings.batch_size) {
+                    Ok(()) => Item::End,
+                    Err(e) => Item::Failed(e),
+                };
             shared.push(item);
             return;
         }

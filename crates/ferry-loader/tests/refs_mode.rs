@@ -431,3 +431,129 @@ fn set_epoch_without_sharding_keeps_the_order() {
     assert_eq!(loader.epoch(), 3);
     assert_eq!(ids(&collect(&mut loader)), before);
 }
+
+/// A store the loader can only reach through the trait: every call forwards to a
+/// `FeatureStore` and is counted, as a daemon client's calls would cross the wire.
+struct ForwardingStore {
+    inner: ferry_store::FeatureStore,
+    calls: AtomicUsize,
+}
+
+impl ForwardingStore {
+    fn tick(&self) -> &ferry_store::FeatureStore {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        &self.inner
+    }
+}
+
+impl ferry_store::FeatureStoreApi for ForwardingStore {
+    fn store_id(&self) -> &ferry_core::StoreId {
+        self.inner.store_id()
+    }
+    fn put(&self, id: &str, t: &[(&str, TensorView<'_>)], m: JsonMap) -> ferry_core::Result<ferry_core::SampleRef> {
+        self.tick().put(id, t, m)
+    }
+    fn put_until(
+        &self,
+        id: &str,
+        t: &[(&str, TensorView<'_>)],
+        m: JsonMap,
+        deadline: std::time::Instant,
+    ) -> ferry_core::Result<ferry_core::SampleRef> {
+        self.tick().put_until(id, t, m, deadline)
+    }
+    #[allow(clippy::type_complexity)]
+    fn get(
+        &self,
+        r: &ferry_core::SampleRef,
+        names: Option<&[&str]>,
+    ) -> ferry_core::Result<(indexmap::IndexMap<String, TensorBuf>, ferry_core::FeatureHandle)> {
+        self.tick().get(r, names)
+    }
+    fn get_into(
+        &self,
+        r: &ferry_core::SampleRef,
+        d: &mut [(&str, &mut [u8])],
+    ) -> ferry_core::Result<ferry_core::FeatureHandle> {
+        self.tick().get_into(r, d)
+    }
+    fn get_prefix_into(
+        &self,
+        r: &ferry_core::SampleRef,
+        d: &mut [(&str, &mut [u8])],
+    ) -> ferry_core::Result<ferry_core::FeatureHandle> {
+        self.tick().get_prefix_into(r, d)
+    }
+    fn describe(
+        &self,
+        r: &ferry_core::SampleRef,
+    ) -> ferry_core::Result<indexmap::IndexMap<String, ferry_core::FeatureSpec>> {
+        self.tick().describe(r)
+    }
+    fn release(&self, h: &ferry_core::FeatureHandle) -> ferry_core::Result<()> {
+        self.tick().release(h)
+    }
+    fn abort(&self, id: &ferry_core::SampleId) -> ferry_core::Result<()> {
+        self.tick().abort(id)
+    }
+    fn abort_all(&self) -> ferry_core::Result<usize> {
+        self.tick().abort_all()
+    }
+    fn adopt(&self, r: &ferry_core::SampleRef) -> ferry_core::Result<()> {
+        self.tick().adopt(r)
+    }
+    fn track_external_attempt(
+        &self,
+        id: &ferry_core::SampleId,
+        g: ferry_core::Generation,
+        names: &[&str],
+    ) -> ferry_core::Result<()> {
+        self.tick().track_external_attempt(id, g, names)
+    }
+    fn discard_external_attempts(&self) -> ferry_core::Result<usize> {
+        self.tick().discard_external_attempts()
+    }
+    fn gc(&self) -> ferry_core::Result<ferry_store::GcReport> {
+        Ok(self.tick().gc())
+    }
+    fn drain(&self, p: ferry_store::DrainPolicy) -> ferry_core::Result<ferry_store::DrainReport> {
+        self.tick().drain(p)
+    }
+    fn drain_samples(
+        &self,
+        ids: &[ferry_core::SampleId],
+        p: ferry_store::DrainPolicy,
+    ) -> ferry_core::Result<ferry_store::DrainReport> {
+        self.tick().drain_samples(ids, p)
+    }
+    fn health(&self) -> ferry_core::Result<ferry_store::Health> {
+        Ok(self.tick().health())
+    }
+}
+
+#[test]
+fn any_store_behind_the_trait_serves_the_same_batches_and_load_batch_matches_a_pass() {
+    let fixture = Fixture::eagle3(&[8, 5, 8, 3]);
+    let expected = collect(&mut loader(&fixture, 2));
+    let forwarding = Arc::new(ForwardingStore { inner: fixture.store.clone(), calls: AtomicUsize::new(0) });
+    let shared: Arc<dyn ferry_store::FeatureStoreApi> = forwarding.clone();
+    let mut through_trait =
+        FeatureLoader::builder(shared, RefSource::Fixed(fixture.refs.clone())).batch_size(2).build().unwrap();
+    let batches = collect(&mut through_trait);
+    assert_eq!(ids(&batches), ids(&expected));
+    for (a, b) in batches.iter().zip(&expected) {
+        assert_eq!(shapes(a), shapes(b));
+        for (name, t) in &a.tensors {
+            assert_eq!(t.bytes(), b.tensors[name].bytes(), "{name}");
+        }
+    }
+    assert!(forwarding.calls.load(Ordering::SeqCst) >= 8, "every read went through the trait");
+    // One batch on demand, from refs the caller chose, equals the pass's batch of those refs.
+    let on_demand = through_trait.load_batch(&fixture.refs[2..4]).unwrap();
+    assert_eq!(on_demand.sample_ids, expected[1].sample_ids);
+    for (name, t) in &on_demand.tensors {
+        assert_eq!(t.bytes(), expected[1].tensors[name].bytes(), "{name}");
+    }
+    assert!(through_trait.load_batch(&[]).unwrap_err().to_string().contains("at least one ref"));
+    assert_eq!(fixture.store.health().active_leases, 0);
+}

@@ -9,9 +9,22 @@
 //! A call is one round trip under the connection's lock, so a `Client` may be shared between
 //! threads (their calls take turns). Batches of small calls ([`Client::get_into_many`],
 //! [`Client::release_many`]) are pipelined: many requests in flight on the one connection, the
-//! replies read in order, so a batch costs about one round trip, not one per sample. A broken connection stays broken: every later call fails
-//! with an error that says to reconnect, and the daemon has already released the leases this
-//! connection held.
+//! replies read in order, so a batch costs about one round trip, not one per sample. A broken
+//! connection stays broken: every later call fails with an error that says to reconnect, and the
+//! daemon has already released the leases this connection held.
+//!
+//! # Owned puts
+//!
+//! A client connected with [`Client::connect_owning`] (or [`Client::connect_owning_with`])
+//! *owns* every sample it puts: its session is its one connection (a `Client` never opens a
+//! second socket and never reconnects; pipelined batches and the shared-memory route use that
+//! same connection), and when the session ends without the sample having been handed over with
+//! [`Client::disown`] (the client is dropped, its process exits, crashes or is SIGKILLed, or the
+//! connection breaks) the daemon aborts it, exactly as an `abort` would. So a producer that dies
+//! leaves no orphaned samples behind. Disown what you publish *before* publishing it: a ref
+//! another process may read must not name a sample that dies with this one. A connection that
+//! breaks is a session that ended, even if the process lives on: its owned samples are freed,
+//! and a new `Client` is a new session that owns nothing yet.
 
 use crate::auth;
 use crate::frame::{FrameHead, Header, Limits, Op, flags, read_head, write_head};
@@ -28,6 +41,9 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Sample-id bytes per `Disown` request.
+const DISOWN_CHUNK_BYTES: usize = 16 << 10;
 
 /// Most requests a pipelined batch keeps in flight.
 pub const PIPELINE_WINDOW: usize = 32;
@@ -146,6 +162,8 @@ pub struct Client {
     arena: Option<ArenaMap>,
     /// The route stream bytes take (TCP or Unix).
     stream_route: Route,
+    /// Whether this session owns its puts ([`Client::connect_owning`]).
+    owns_puts: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -190,6 +208,22 @@ impl Client {
     /// Connects, authenticates (proving the secret without sending it, and checking the
     /// daemon's proof in turn) and, on the shared-memory route, maps the daemon's arena.
     pub fn connect_with(uri: &str, options: ConnectOptions) -> Result<Client> {
+        Client::attach(uri, options, false)
+    }
+
+    /// [`Client::connect`] for a session that owns its puts: every sample this client puts is
+    /// aborted by the daemon when the session ends, unless [`Client::disown`]ed first (see the
+    /// module docs). A daemon that predates owned puts refuses to attach.
+    pub fn connect_owning(uri: &str) -> Result<Client> {
+        Client::connect_owning_with(uri, ConnectOptions::from_env())
+    }
+
+    /// [`Client::connect_with`] for a session that owns its puts ([`Client::connect_owning`]).
+    pub fn connect_owning_with(uri: &str, options: ConnectOptions) -> Result<Client> {
+        Client::attach(uri, options, true)
+    }
+
+    fn attach(uri: &str, options: ConnectOptions, owned_puts: bool) -> Result<Client> {
         let mut stream = connect_stream(uri)?;
         let limits = Limits::default();
         let head = read_head(&mut stream, &limits)?
@@ -223,11 +257,18 @@ impl Client {
             }
             _ => None,
         };
-        let request = wire::AuthRequest { response, client_nonce: client_nonce.clone(), want_shm };
+        let request = wire::AuthRequest { response, client_nonce: client_nonce.clone(), want_shm, owned_puts };
         let meta = wire::encode(&request)?;
         let reply: wire::AuthReply = exchange(&mut stream, uri, &limits, Op::Auth, 0, &meta, &[], |head, _| {
             wire::decode(&head.meta, "Auth reply")
-        })??;
+        })?
+        .map_err(|e| match e {
+            // A daemon that predates owned puts refuses the field it does not know.
+            Error::Json { message, .. } if owned_puts && message.contains("owned_puts") => Error::InvalidArgument(
+                format!("ferry daemon {uri} does not support owned puts (it is older than this client): {message}"),
+            ),
+            e => e,
+        })?;
         if let (Some(secret), true) = (&options.secret, hello.auth_required) {
             let proven = match &reply.proof {
                 Some(proof) => auth::verify_daemon(secret.expose(), &hello.challenge, &client_nonce, proof)?,
@@ -265,7 +306,13 @@ impl Client {
             conn: Mutex::new(Conn { stream: Some(stream), next_id: 1 }),
             arena,
             stream_route,
+            owns_puts: owned_puts,
         })
+    }
+
+    /// Whether this session owns its puts ([`Client::connect_owning`]).
+    pub fn owns_puts(&self) -> bool {
+        self.owns_puts
     }
 
     /// The route this client's puts and gets take.
@@ -656,6 +703,52 @@ impl Client {
         self.call(Op::Abort, &meta, &[], |_, _| Ok(()))
     }
 
+    /// Hands samples this session put over to the daemon: they then live until deleted
+    /// (aborted, released, GC'd) like any other sample, whatever becomes of this client. Returns
+    /// how many of them this session owned.
+    ///
+    /// Idempotent: an id the session does not own (never put by it, or disowned already) is no
+    /// error while the sample exists. An id the daemon's store does not hold live (freed, or
+    /// never put) is [`Error::NotFound`], naming it, after every other id was handled. A client
+    /// that does not own its puts has nothing to hand over: it returns 0 at once without asking
+    /// the daemon, and checks nothing. Many ids go as several pipelined requests.
+    pub fn disown(&self, sample_ids: &[SampleId]) -> Result<u64> {
+        if !self.owns_puts || sample_ids.is_empty() {
+            return Ok(0);
+        }
+        let mut metas = Vec::new();
+        let mut chunk: Vec<String> = Vec::new();
+        let mut chunk_bytes = 0usize;
+        for sid in sample_ids {
+            // Each request's metadata stays far below `Limits::max_meta` and the pipeline's
+            // byte window.
+            if !chunk.is_empty() && chunk_bytes + sid.as_str().len() > DISOWN_CHUNK_BYTES {
+                metas.push(wire::encode(&wire::DisownRequest { sample_ids: std::mem::take(&mut chunk) })?);
+                chunk_bytes = 0;
+            }
+            chunk_bytes += sid.as_str().len() + 4;
+            chunk.push(sid.to_string());
+        }
+        metas.push(wire::encode(&wire::DisownRequest { sample_ids: chunk })?);
+        let outcomes = self.call_pipelined(Op::Disown, &metas, |_, head, _| {
+            Ok(wire::decode::<wire::CountReply>(&head.meta, "Disown reply")?.count)
+        })?;
+        let mut count = 0;
+        let mut first_error = None;
+        for outcome in outcomes {
+            match outcome {
+                Ok(n) => count += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(count),
+        }
+    }
+
     /// Frees every sample of the store; returns how many.
     pub fn abort_all(&self) -> Result<u64> {
         self.call(Op::AbortAll, b"{}", &[], |head, _| {
@@ -665,6 +758,12 @@ impl Client {
 
     /// The specs of a sample's features.
     pub fn describe(&self, r: &SampleRef) -> Result<IndexMap<String, FeatureSpec>> {
+        // A ref's own specs describe it (the store answers exactly this for them, and every
+        // read checks the stored sizes), so only a spec-less ref costs a round trip: a
+        // loader planning a batch of daemon refs asks nothing of the daemon until it reads.
+        if !r.feature_specs.is_empty() && r.scheme() != Some("file") {
+            return Ok(r.feature_specs.clone());
+        }
         let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names: None, shm: false })?;
         self.call(Op::Describe, &meta, &[], |head, _| wire::decode(&head.meta, "Describe reply"))
     }
@@ -892,6 +991,17 @@ impl FeatureStoreApi for Client {
     }
     fn health(&self) -> Result<Health> {
         Client::health(self)
+    }
+    fn disown(&self, sample_ids: &[SampleId]) -> Result<()> {
+        Client::disown(self, sample_ids).map(|_| ())
+    }
+}
+
+/// A daemon client, shared as the trait object every store-generic API takes (a feature loader
+/// reads through it exactly as through a store in this process).
+impl From<Client> for std::sync::Arc<dyn FeatureStoreApi> {
+    fn from(client: Client) -> Self {
+        std::sync::Arc::new(client)
     }
 }
 

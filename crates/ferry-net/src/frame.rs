@@ -68,11 +68,13 @@ pub enum Op {
     TrackExternal = 17,
     /// Free every tracked external attempt not adopted.
     DiscardExternal = 18,
+    /// Hand samples the session owns over to the daemon (they outlive the session).
+    Disown = 19,
 }
 
 impl Op {
     /// Every op, in wire order.
-    pub const ALL: [Op; 18] = [
+    pub const ALL: [Op; 19] = [
         Op::Hello,
         Op::Auth,
         Op::Put,
@@ -91,6 +93,7 @@ impl Op {
         Op::Bye,
         Op::TrackExternal,
         Op::DiscardExternal,
+        Op::Disown,
     ];
 
     /// The op with this wire code.
@@ -309,6 +312,6 @@ mod tests {
             assert_eq!(Op::from_code(op as u16), Some(op));
         }
         assert_eq!(Op::from_code(0), None);
-        assert_eq!(Op::from_code(19), None);
+        assert_eq!(Op::from_code(20), None);
     }
 }

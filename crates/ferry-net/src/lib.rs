@@ -8,6 +8,12 @@
 //! by one client refuses every other client's reads, a producer may exit after publishing, and
 //! a disconnected client's leases are released.
 //!
+//! No orphans after a producer crash: a client that owns its puts ([`Client::connect_owning`])
+//! has every sample it put and did not hand over ([`Client::disown`], op `Disown`) aborted by
+//! the daemon when its session (its one connection) ends, however it ends: drop, exit, crash,
+//! SIGKILL, a broken connection. Other clients' samples, and disowned ones, live until deleted
+//! (or freed by the max-hold GC).
+//!
 //! # Layout
 //! * [`frame`] — the fixed 32-byte frame header, its opcodes and flags, the bounds every reader
 //!   enforces, and reading a frame's header and metadata from a stream while leaving its raw

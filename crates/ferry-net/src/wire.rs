@@ -98,6 +98,12 @@ pub struct AuthRequest {
     /// Ask for the arena's descriptor.
     #[serde(default)]
     pub want_shm: bool,
+    /// The session owns every sample it puts: when the connection ends, the daemon aborts the
+    /// ones not disowned (`Disown`). Sent only when true, so a client that does not ask for it
+    /// still attaches to a daemon that predates it (which refuses the field, so an owning
+    /// client never runs unguarded).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub owned_puts: bool,
 }
 
 /// The reply to `Auth`.
@@ -258,7 +264,15 @@ pub struct TrackExternalRequest {
     pub feature_names: Vec<String>,
 }
 
-/// `AbortAll`'s reply.
+/// `Disown`: samples the session hands over to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisownRequest {
+    /// The samples.
+    pub sample_ids: Vec<String>,
+}
+
+/// `AbortAll`'s reply (and `DiscardExternal`'s, and `Disown`'s: how many the session owned).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CountReply {

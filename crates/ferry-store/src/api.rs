@@ -74,6 +74,37 @@ pub trait FeatureStoreApi: Send + Sync {
 
     /// The health map.
     fn health(&self) -> Result<Health>;
+
+    /// Whether release keeps the bytes (offline, re-iterable data) or frees them (consume-once
+    /// online data). A remote store answers from its health map.
+    fn retains_on_release(&self) -> Result<bool> {
+        Ok(self.health()?.retain_on_release)
+    }
+
+    /// Hands samples this client put over to the store: from now on they live until deleted
+    /// (aborted, released, GC'd) like any other sample, whatever happens to this client.
+    ///
+    /// Only a session-scoped store has anything to hand over: a daemon client that owns its
+    /// puts (`ferry_net::Client::connect_owning`), whose daemon frees every sample the session
+    /// still owns when the session ends (the client drops, crashes or is killed). There, an id
+    /// the session does not own is not an error if the sample exists (idempotent), and an id
+    /// the store does not hold is [`ferry_core::Error::NotFound`]. A store in this process has
+    /// no sessions: its samples already belong to it, so the default (kept by
+    /// [`FeatureStore`]) does nothing and checks nothing.
+    ///
+    /// A wrapper that forwards to an owning client must forward this call too: the default
+    /// would leave the samples owned, and freed when the session ends.
+    fn disown(&self, sample_ids: &[SampleId]) -> Result<()> {
+        let _ = sample_ids;
+        Ok(())
+    }
+}
+
+/// A store in this process, shared as the trait object every store-generic API takes.
+impl From<FeatureStore> for std::sync::Arc<dyn FeatureStoreApi> {
+    fn from(store: FeatureStore) -> Self {
+        std::sync::Arc::new(store)
+    }
 }
 
 impl FeatureStoreApi for FeatureStore {
@@ -135,6 +166,9 @@ impl FeatureStoreApi for FeatureStore {
     }
     fn drain_samples(&self, sample_ids: &[SampleId], policy: DrainPolicy) -> Result<DrainReport> {
         FeatureStore::drain_samples(self, sample_ids, policy)
+    }
+    fn retains_on_release(&self) -> Result<bool> {
+        Ok(FeatureStore::retains_on_release(self))
     }
     fn health(&self) -> Result<Health> {
         Ok(FeatureStore::health(self))

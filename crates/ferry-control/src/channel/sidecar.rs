@@ -89,20 +89,12 @@ pub fn read_counter_strict(path: &Path) -> Result<u64> {
 /// counter is advisory backpressure, and a restart re-derives it from the ledger).
 pub fn write_counter(path: &Path, value: u64) -> Result<()> {
     let target = sidecar(path, CONSUMED_COUNT);
-    let tmp = PathBuf::from(format!("{}.tmp.{}.{}", target.display(), std::process::id(), thread_tag()));
+    let tmp = atomic::pid_temp(&target);
     let result = std::fs::write(&tmp, value.to_string()).and_then(|()| std::fs::rename(&tmp, &target));
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(format!("writing {}", target.display()), &e)
     })
-}
-
-/// A number unique to the calling thread (for temp names).
-fn thread_tag() -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    std::thread::current().id().hash(&mut hasher);
-    hasher.finish()
 }
 
 /// Creates the quantum sidecar exclusively (write + fsync). `Ok(false)` if it already exists.

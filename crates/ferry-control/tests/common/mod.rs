@@ -12,14 +12,19 @@ use std::time::Instant;
 /// Called with each aborted id before the abort runs.
 pub(crate) type AbortHook = Box<dyn Fn(&SampleId) + Send + Sync>;
 
-/// A `mem://` store that records adopt / abort calls and can be told to fail aborts or
-/// drains, or to run a hook inside each abort.
+/// Called with each disown call's ids before it runs.
+pub(crate) type DisownHook = Box<dyn Fn(&[SampleId]) + Send + Sync>;
+
+/// A `mem://` store that records adopt / abort / disown calls and can be told to fail aborts,
+/// drains or disowns, or to run a hook inside each abort or disown.
 pub(crate) struct RecordingStore {
     inner: ferry_store::FeatureStore,
     events: Mutex<Vec<String>>,
     pub(crate) fail_abort: bool,
     pub(crate) fail_drain: bool,
+    pub(crate) fail_disown: bool,
     pub(crate) on_abort: Option<AbortHook>,
+    pub(crate) on_disown: Option<DisownHook>,
 }
 
 impl RecordingStore {
@@ -35,7 +40,9 @@ impl RecordingStore {
             events: Mutex::new(Vec::new()),
             fail_abort,
             fail_drain,
+            fail_disown: false,
             on_abort,
+            on_disown: None,
         }
     }
 
@@ -137,5 +144,20 @@ impl FeatureStoreApi for RecordingStore {
     }
     fn health(&self) -> Result<Health> {
         FeatureStoreApi::health(&self.inner)
+    }
+    /// Records `disown <id>` per id, in call order.
+    fn disown(&self, sample_ids: &[SampleId]) -> Result<()> {
+        if let Some(hook) = &self.on_disown {
+            hook(sample_ids);
+        }
+        self.events.lock().unwrap().extend(sample_ids.iter().map(|sid| format!("disown {sid}")));
+        if self.fail_disown {
+            return Err(Error::Io {
+                context: "ferry daemon (test)".into(),
+                kind: std::io::ErrorKind::NotConnected,
+                message: "injected disown failure".into(),
+            });
+        }
+        FeatureStoreApi::disown(&self.inner, sample_ids)
     }
 }

@@ -1,6 +1,7 @@
 //! One client connection: authentication, then requests served in order on the connection's
 //! own thread, and on close the release of everything the client still held (leases, pins of
-//! shared-memory views, uncommitted reservations).
+//! shared-memory views, uncommitted reservations) and, for a session that owns its puts, the
+//! abort of every sample it put and did not disown.
 //!
 //! A request whose metadata is wrong gets an `ERROR` reply (its payload is skipped, so the
 //! stream stays framed) and the connection goes on; a malformed frame (bad magic, version, op,
@@ -15,7 +16,7 @@ use super::Shared;
 use crate::auth;
 use crate::frame::{FrameHead, Header, Op, flags, read_head, write_head};
 use crate::wire::{self, ErrorReply, GetReply, Placement, RefReply, Route, WireTensor};
-use ferry_core::{Error, FeatureHandle, FeatureSpec, Result, SampleRef, TensorView};
+use ferry_core::{Error, FeatureHandle, FeatureSpec, Generation, Result, SampleId, SampleRef, TensorView};
 use ferry_shm::{PinId, Reservation};
 use ferry_store::offline::raw_key;
 use ferry_store::{DrainPolicy, PendingPut, TensorLayout};
@@ -55,7 +56,19 @@ pub(super) struct Connection<'a, S> {
     leases: HashMap<String, HeldLease>,
     puts: HashMap<u64, OpenPut<'a>>,
     next_put: u64,
+    /// The session owns its puts (asked for at `Auth`).
+    owns_puts: bool,
+    /// The samples this session put and still owns, with the generation it put: aborted when
+    /// the connection ends, unless disowned first.
+    owned: HashMap<SampleId, Generation>,
+    /// `owned` is pruned of samples freed meanwhile once it reaches this size.
+    prune_owned_at: usize,
 }
+
+/// The smallest size at which a session's owned set is pruned of samples freed meanwhile (a
+/// session that owns its puts and never disowns them, say one whose consumers free them, would
+/// otherwise keep one entry per put until it ends).
+const PRUNE_OWNED_AT: usize = 4096;
 
 impl<'a, S: Read + Write> Connection<'a, S> {
     pub(super) fn new(
@@ -77,6 +90,9 @@ impl<'a, S: Read + Write> Connection<'a, S> {
             leases: HashMap::new(),
             puts: HashMap::new(),
             next_put: 1,
+            owns_puts: false,
+            owned: HashMap::new(),
+            prune_owned_at: PRUNE_OWNED_AT,
         }
     }
 
@@ -142,11 +158,18 @@ impl<'a, S: Read + Write> Connection<'a, S> {
             Op::Get => return self.get(head),
             Op::Release => self.release(head),
             Op::Abort => wire::decode::<wire::AbortRequest>(&head.meta, "Abort")
-                .and_then(|req| self.shared.store.abort(&req.sample_id.into()))
+                .and_then(|req| {
+                    let sid = SampleId::from(req.sample_id);
+                    self.shared.store.abort(&sid)?;
+                    self.owned.remove(&sid);
+                    Ok(())
+                })
                 .and_then(|()| wire::encode(&serde_json::json!({}))),
-            Op::AbortAll => {
-                self.shared.store.abort_all().and_then(|count| wire::encode(&wire::CountReply { count: count as u64 }))
-            }
+            Op::AbortAll => self.shared.store.abort_all().and_then(|count| {
+                self.owned.clear();
+                wire::encode(&wire::CountReply { count: count as u64 })
+            }),
+            Op::Disown => self.disown(head),
             Op::Adopt => wire::decode::<wire::AdoptRequest>(&head.meta, "Adopt")
                 .and_then(|req| self.shared.store.adopt(&req.r#ref))
                 .and_then(|()| wire::encode(&serde_json::json!({}))),
@@ -228,6 +251,7 @@ impl<'a, S: Read + Write> Connection<'a, S> {
             }
         };
         self.authed = true;
+        self.owns_puts = req.owned_puts;
         let grant = match (&self.shared.arena, &self.fd_channel) {
             (Some(arena), Some(_)) if req.want_shm => {
                 Some(wire::ArenaGrant { capacity: arena.arena().capacity(), name: arena.arena().name().to_owned() })
@@ -309,7 +333,10 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         for placed in open.reservation.objects() {
             arena.arena().fill_from(placed.offset, placed.len, &mut self.stream)?;
         }
-        let outcome = self.publish(open).and_then(|r| wire::encode(&RefReply { r#ref: r, route: self.transport }));
+        let outcome = self.publish(open).and_then(|r| {
+            self.own(&r);
+            wire::encode(&RefReply { r#ref: r, route: self.transport })
+        });
         match outcome {
             Ok(meta) => {
                 self.shared.metrics.put(self.transport, h.payload_len);
@@ -341,7 +368,11 @@ impl<'a, S: Read + Write> Connection<'a, S> {
             ),
             None => self.shared.store.put(request.sample_id.as_str(), &views, request.metadata.clone()),
         });
-        match outcome.and_then(|r| wire::encode(&RefReply { r#ref: r, route: self.transport })) {
+        let outcome = outcome.and_then(|r| {
+            self.own(&r);
+            wire::encode(&RefReply { r#ref: r, route: self.transport })
+        });
+        match outcome {
             Ok(meta) => {
                 self.shared.metrics.put(self.transport, h.payload_len);
                 self.send_raw(Op::Put, h.request_id, flags::REPLY, &meta, &[])?;
@@ -396,6 +427,7 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         }
         let bytes = open.pending.nbytes();
         let r = self.publish(open)?;
+        self.own(&r);
         self.shared.metrics.put(Route::Shm, bytes);
         wire::encode(&RefReply { r#ref: r, route: Route::Shm })
     }
@@ -557,14 +589,77 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         wire::encode(&report)
     }
 
+    /// Records a committed put as this session's, if it owns its puts (a newer put of the same
+    /// id replaces the older generation, which the put itself superseded).
+    fn own(&mut self, r: &SampleRef) {
+        if !self.owns_puts {
+            return;
+        }
+        let Some(generation) = r.generation() else {
+            // Every ref the lifecycle core builds carries its generation.
+            tracing::warn!(peer = %self.peer, sample = %r.sample_id, "a put's ref has no generation; not owned");
+            return;
+        };
+        self.owned.insert(r.sample_id.clone(), generation);
+        if self.owned.len() >= self.prune_owned_at {
+            let store = &self.shared.store;
+            self.owned.retain(|sid, generation| store.live_generation(sid) == Some(*generation));
+            self.prune_owned_at = (self.owned.len() * 2).max(PRUNE_OWNED_AT);
+        }
+    }
+
+    /// `Disown`: the session stops owning the samples (they now live until deleted like any
+    /// other). An id the session does not own is fine if the sample exists; one the store does
+    /// not hold live is `NotFound`, after every other id was handled. Replies how many of the
+    /// ids the session owned.
+    fn disown(&mut self, head: &FrameHead) -> Result<Vec<u8>> {
+        let req = wire::decode::<wire::DisownRequest>(&head.meta, "Disown")?;
+        let mut count = 0u64;
+        let mut missing = Vec::new();
+        for sid in req.sample_ids {
+            let sid = SampleId::from(sid);
+            let owned = self.owned.remove(&sid);
+            match self.shared.store.live_generation(&sid) {
+                None => missing.push(sid.to_string()),
+                Some(live) if owned == Some(live) => count += 1,
+                Some(_) => {}
+            }
+        }
+        if !missing.is_empty() {
+            let shown = missing.iter().take(8).map(String::as_str).collect::<Vec<_>>().join(", ");
+            let more = if missing.len() > 8 { format!(" and {} more", missing.len() - 8) } else { String::new() };
+            return Err(Error::NotFound {
+                what: format!("sample(s) {shown}{more} to disown (freed, or never put in this daemon's store)"),
+            });
+        }
+        wire::encode(&wire::CountReply { count })
+    }
+
     /// Releases everything this connection still holds (the client closed or died): leases
-    /// and their pins, and uncommitted reservations.
+    /// and their pins, and uncommitted reservations; then, for a session that owns its puts,
+    /// aborts every sample it still owns (only the generation it put: a newer put of the same
+    /// id by anyone else stays). A removal that fails is parked as pending by the lifecycle
+    /// core, as any abort's.
     pub(super) fn close(&mut self) {
         let tokens: Vec<String> = self.leases.keys().cloned().collect();
         for token in tokens {
             self.drop_lease(&token);
         }
         self.puts.clear();
+        let mut freed = 0u64;
+        for (sid, generation) in self.owned.drain() {
+            match self.shared.store.abort_generation(&sid, generation) {
+                Ok(true) => freed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(peer = %self.peer, sample = %sid, error = %e, "freeing an ended session's sample")
+                }
+            }
+        }
+        if freed > 0 {
+            self.shared.metrics.orphans_freed(freed);
+            tracing::info!(peer = %self.peer, samples = freed, "freed the samples an ended session still owned");
+        }
     }
 
     /// Answers an error to a request whose payload is still in the stream.

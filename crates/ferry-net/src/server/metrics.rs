@@ -35,6 +35,7 @@ pub struct Metrics {
     connections_total: AtomicU64,
     auth_failures: AtomicU64,
     malformed_frames: AtomicU64,
+    orphans_freed: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -78,6 +79,11 @@ impl Metrics {
         self.malformed_frames.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Samples freed because the session that owned them ended without disowning them.
+    pub(crate) fn orphans_freed(&self, samples: u64) {
+        self.orphans_freed.fetch_add(samples, Ordering::Relaxed);
+    }
+
     /// Counts an error reply by its Python exception class.
     pub(crate) fn error(&self, error: &ferry_core::Error) {
         let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,6 +103,11 @@ impl Metrics {
     /// Connections refused for a wrong or missing secret.
     pub fn auth_failures(&self) -> u64 {
         self.auth_failures.load(Ordering::Relaxed)
+    }
+
+    /// Samples freed because the session that owned them ended without disowning them.
+    pub fn orphaned_samples_freed(&self) -> u64 {
+        self.orphans_freed.load(Ordering::Relaxed)
     }
 
     /// The Prometheus text exposition (version 0.0.4) of every counter and gauge.
@@ -174,6 +185,12 @@ impl Metrics {
             "counter",
             "Connections closed for a malformed frame.",
             &one(self.malformed_frames.load(Ordering::Relaxed)),
+        );
+        family(
+            "ferry_orphaned_samples_freed_total",
+            "counter",
+            "Samples freed because the client session that owned them ended without disowning them.",
+            &one(self.orphans_freed.load(Ordering::Relaxed)),
         );
         if let Some(arena) = arena {
             family("ferry_arena_capacity_bytes", "gauge", "Shared-memory arena size.", &one(arena.capacity));

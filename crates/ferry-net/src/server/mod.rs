@@ -2,7 +2,8 @@
 //! [`FeatureStore`] to every client, so every process on the node sees one liveness index
 //! (generations, leases, tombstones). An abort issued by one client refuses every other
 //! client's reads at once, a producer may exit after publishing, and the leases of a client that
-//! disconnects (or is killed) are released by the daemon.
+//! disconnects (or is killed) are released by the daemon, as are (aborted) the samples a session
+//! that owns its puts put and did not disown.
 //!
 //! Threading: one thread per connection, blocking I/O. Cross-thread wakeups cost about 90 µs on
 //! the development VM (`design/CRATES.md`), more than a small request's whole round trip, so

@@ -866,19 +866,7 @@ impl FeatureStore {
         self.check_auth("abort")?;
         let job = {
             let mut shard = self.inner.index.lock(sample_id);
-            match shard.get_mut(sample_id) {
-                Some(entry) => {
-                    let dropped = entry.leases.len() as u64;
-                    entry.leases.clear();
-                    self.inner.stats.active_leases.fetch_sub(dropped, Ordering::Relaxed);
-                    let job = FreeJob::take_live(sample_id, entry);
-                    if entry.is_empty() {
-                        shard.remove(sample_id);
-                    }
-                    job
-                }
-                None => None,
-            }
+            self.take_for_abort(&mut shard, sample_id)
         };
         let job = match job {
             Some(job) => Some(job),
@@ -888,6 +876,49 @@ impl FeatureStore {
             self.run_free(job, false);
         }
         Ok(())
+    }
+
+    /// [`FeatureStore::abort`] of one generation: frees the sample (its leases dropped, a
+    /// failed removal parked as pending) only while `generation` is still its live generation
+    /// in this store's index, and returns whether it did. A sample freed meanwhile, superseded
+    /// by a newer put of the same id, or never tracked is left alone: an owner freeing what it
+    /// put (a daemon ending a session) never frees someone else's newer sample.
+    pub fn abort_generation(&self, sample_id: &SampleId, generation: Generation) -> Result<bool> {
+        self.check_auth("abort")?;
+        let job = {
+            let mut shard = self.inner.index.lock(sample_id);
+            let live = shard.get(sample_id).and_then(|e| e.live.as_ref()).map(|l| l.generation);
+            if live != Some(generation) {
+                return Ok(false);
+            }
+            self.take_for_abort(&mut shard, sample_id)
+        };
+        if let Some(job) = job {
+            self.run_free(job, false);
+        }
+        Ok(true)
+    }
+
+    /// Under the shard lock: drops every lease of the sample and tombstones its live
+    /// generation; returns the removal to run once the lock is released.
+    fn take_for_abort(&self, shard: &mut index::Shard, sample_id: &SampleId) -> Option<FreeJob> {
+        let entry = shard.get_mut(sample_id)?;
+        let dropped = entry.leases.len() as u64;
+        entry.leases.clear();
+        self.inner.stats.active_leases.fetch_sub(dropped, Ordering::Relaxed);
+        let job = FreeJob::take_live(sample_id, entry);
+        if entry.is_empty() {
+            shard.remove(sample_id);
+        }
+        job
+    }
+
+    /// The live generation of a sample this store tracks (put, adopted, or read through it),
+    /// if any: `None` once it is freed, and for a sample it never tracked. An index lookup, no
+    /// backend I/O.
+    pub fn live_generation(&self, sample_id: &SampleId) -> Option<Generation> {
+        let shard = self.inner.index.lock(sample_id);
+        shard.get(sample_id).and_then(|e| e.live.as_ref()).map(|l| l.generation)
     }
 
     /// A free job for a sample this process does not track but the backend holds.
