@@ -1,0 +1,114 @@
+"""Shared fixtures: the SpecForge fixtures folder, a node daemon in a child process, and a
+`store` fixture that runs a test over every store URI (mem://, dir://, ferry://, ferry+unix://).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+import ferry
+
+REPO = Path(__file__).resolve().parents[4]
+SECRET = "test-secret-" + uuid.uuid4().hex[:8]
+DAEMON_CAPACITY = 64 << 20
+
+# The daemon's child process: start, print its URIs, serve until stdin closes.
+DAEMON_MAIN = r"""
+import json, os, sys
+import ferry
+d = ferry.start_daemon(listen="127.0.0.1:0", socket=sys.argv[1], capacity=int(sys.argv[2]),
+                       secret=os.environ["FERRY_TEST_SECRET"])
+print(json.dumps({"tcp": d.tcp_uri, "unix": d.unix_uri}), flush=True)
+sys.stdin.read()
+d.stop()
+"""
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """`<repo>/../shared/fixtures` (or $FERRY_FIXTURES). Missing fixtures fail, never skip."""
+    path = Path(os.environ.get("FERRY_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    assert (path / "specforge-control").is_dir(), (
+        f"SpecForge fixtures not found at {path}: shared/fixtures must sit beside the repository"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def daemon():
+    """A node daemon in a child process (loopback TCP and a Unix socket, a 64 MiB shared-memory
+    arena, a secret), stopped at the end of the session."""
+    tmp = tempfile.mkdtemp(prefix="ferry-py-")
+    socket = os.path.join(tmp, "d.sock")
+    env = dict(os.environ, FERRY_TEST_SECRET=SECRET)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DAEMON_MAIN, socket, str(DAEMON_CAPACITY)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line, f"the daemon process exited with {proc.wait()}"
+        uris = json.loads(line)
+        yield {"tcp": uris["tcp"], "unix": uris["unix"], "secret": SECRET, "pid": proc.pid}
+    finally:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+BACKENDS = ["mem", "dir", "tcp", "unix"]
+
+
+def open_backend(kind: str, daemon_info, tmp_path: Path, **options) -> ferry.Store:
+    if kind == "mem":
+        return ferry.open_store(f"mem://t{uuid.uuid4().hex[:8]}", **options)
+    if kind == "dir":
+        return ferry.open_store(f"dir://{tmp_path / 'store'}", **options)
+    return ferry.open_store(daemon_info[kind], secret=daemon_info["secret"], **options)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def open_store(backend, request, tmp_path):
+    """A function opening a store of the current backend (daemon backends need the daemon)."""
+    daemon_info = request.getfixturevalue("daemon") if backend in ("tcp", "unix") else None
+    opened = []
+
+    def open_(**options) -> ferry.Store:
+        store = open_backend(backend, daemon_info, tmp_path, **options)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store) -> ferry.Store:
+    return open_store()
+
+
+def sid(prefix: str = "s") -> str:
+    """A sample id unique in the session (the daemon's store is shared by every test)."""
+    return f"{prefix}:{uuid.uuid4().hex[:12]}"

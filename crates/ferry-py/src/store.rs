@@ -1,0 +1,586 @@
+//! `ferry.open_store` and the `Store` and `Lease` classes: the `FeatureStoreApi` from Python.
+//!
+//! A `Store` holds an `Arc<dyn FeatureStoreApi>`: a store in this process (`mem://`, `dir://`)
+//! or a daemon client (`ferry://`, `ferry+unix://`), the same calls either way. Every call that
+//! can block (I/O, a socket round trip, a budget wait) runs with the GIL released. A `Lease` is
+//! the read lease a `get` or `get_into` took, as a context manager and an RAII guard: leaving
+//! the `with` block, calling `release()`, or dropping the last reference releases it.
+
+use crate::arrays::{self, Bf16Mode, OutArray, PutArray, TraceOp};
+use crate::errors::{IntoPyResult, invalid, to_py};
+use crate::pyjson;
+use crate::records::{PyFeatureHandle, PyFeatureSpec, PySampleRef};
+use ferry_core::{Error, FeatureHandle, FeatureSpec, SampleId, TensorView};
+use ferry_net::{Client, ConnectOptions, RoutePreference};
+use ferry_store::{AuthPolicy, DrainPolicy, FeatureStoreApi, Secret, StoreOptions};
+use indexmap::IndexMap;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyIterator, PyTuple};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+type Api = Arc<dyn FeatureStoreApi>;
+
+/// How long one slice of a budget wait runs with the GIL released before checking for
+/// Ctrl-C (`KeyboardInterrupt`) and other signals.
+const WAIT_SLICE: Duration = Duration::from_millis(200);
+
+fn seconds(py: Python<'_>, what: &str, s: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|_| invalid(py, format!("{what}={s}: expected a finite number >= 0")))
+}
+
+/// Opens a feature store.
+///
+/// `uri` is `mem://[store_id]` (this process's memory), `dir://<root>[?format=ckpt|safetensors]`
+/// (a shared directory, SpecForge's file naming), `ferry://host:port` or
+/// `ferry+unix:///path.sock` (a `ferry serve` daemon; on its Unix socket, bytes move through
+/// shared memory).
+///
+/// For a store in this process, `secret` is the shared secret the store requires and
+/// `credential` what this process presents (default: `secret`); `store_id`,
+/// `retain_on_release`, `max_resident_bytes` and `max_hold_age_s` configure it. For a daemon,
+/// `secret` is what this client presents (default: `FERRY_AUTH_TOKEN`, else
+/// `DISAGG_AUTH_TOKEN`), `route` picks `"auto"`, `"shm"` or `"tcp"`, and `owning=True` makes
+/// the daemon abort this client's unshared puts when the connection ends; the store's own
+/// settings belong to `ferry serve`. `bfloat16` picks how bfloat16 features come back:
+/// `"auto"` (`ml_dtypes.bfloat16` arrays when ml_dtypes is importable, else `uint16` bit
+/// patterns), `"ml_dtypes"` or `"uint16"`.
+#[pyfunction]
+#[pyo3(signature = (
+    uri, *, secret = None, credential = None, store_id = None, retain_on_release = false,
+    max_resident_bytes = None, max_hold_age_s = None, route = "auto", owning = false, bfloat16 = "auto"
+))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn open_store(
+    py: Python<'_>,
+    uri: &str,
+    secret: Option<String>,
+    credential: Option<String>,
+    store_id: Option<String>,
+    retain_on_release: bool,
+    max_resident_bytes: Option<u64>,
+    max_hold_age_s: Option<f64>,
+    route: &str,
+    owning: bool,
+    bfloat16: &str,
+) -> PyResult<Store> {
+    let bf16 = Bf16Mode::parse(py, bfloat16)?;
+    let daemon = uri.starts_with("ferry://") || uri.starts_with("ferry+unix://");
+    let api: Api = if daemon {
+        let store_side = [
+            ("credential", credential.is_some()),
+            ("store_id", store_id.is_some()),
+            ("retain_on_release", retain_on_release),
+            ("max_resident_bytes", max_resident_bytes.is_some()),
+            ("max_hold_age_s", max_hold_age_s.is_some()),
+        ];
+        if let Some((name, _)) = store_side.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                py,
+                format!("{name} configures the store, which the daemon at {uri} owns: set it on `ferry serve`"),
+            ));
+        }
+        let mut options = ConnectOptions::from_env();
+        if let Some(secret) = secret {
+            options.secret = Some(Secret::new(secret));
+        }
+        options.route = RoutePreference::parse(route).py_err(py)?;
+        let uri = uri.to_owned();
+        let client = py
+            .detach(move || {
+                if owning { Client::connect_owning_with(&uri, options) } else { Client::connect_with(&uri, options) }
+            })
+            .py_err(py)?;
+        Arc::new(client)
+    } else {
+        if route != "auto" || owning {
+            return Err(invalid(
+                py,
+                format!("route and owning apply to daemon URIs (ferry://, ferry+unix://), not {uri}"),
+            ));
+        }
+        let options = StoreOptions {
+            store_id: store_id.map(ferry_core::StoreId::new),
+            max_resident_bytes,
+            max_hold_age: max_hold_age_s.map(|s| seconds(py, "max_hold_age_s", s)).transpose()?,
+            retain_on_release,
+            auth: secret.clone().map_or_else(AuthPolicy::open, |s| AuthPolicy::require(Secret::new(s))),
+            credential: credential.or(secret).map(Secret::new),
+            ..StoreOptions::default()
+        };
+        let uri = uri.to_owned();
+        let store = py.detach(move || ferry_store::open_store(&uri, options)).py_err(py)?;
+        Arc::new(store)
+    };
+    Ok(Store { store_id: api.store_id().as_str().to_owned(), api: Mutex::new(Some(api)), uri: uri.to_owned(), bf16 })
+}
+
+/// A feature store: put samples, read them under leases, free them. Opened by
+/// `ferry.open_store`; a context manager that closes it.
+#[pyclass(frozen, module = "ferry", name = "Store")]
+pub(crate) struct Store {
+    /// `None` once closed. Leases hold their own reference, so they can still be released.
+    api: Mutex<Option<Api>>,
+    uri: String,
+    store_id: String,
+    bf16: Bf16Mode,
+}
+
+impl Store {
+    fn api(&self, py: Python<'_>) -> PyResult<Api> {
+        let guard = self.api.lock().map_err(|_| invalid(py, "store lock poisoned"))?;
+        guard.clone().ok_or_else(|| invalid(py, format!("store {} is closed", self.uri)))
+    }
+}
+
+/// The specs of the features `names` of `r`: from the ref, or asked from the store when the
+/// ref lacks one (lazy offline refs carry none).
+fn specs_of(py: Python<'_>, api: &Api, r: &PySampleRef, names: &[String]) -> PyResult<IndexMap<String, FeatureSpec>> {
+    if names.iter().all(|n| r.inner.feature_specs.contains_key(n)) {
+        return Ok(names
+            .iter()
+            .filter_map(|n| r.inner.feature_specs.get_key_value(n))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect());
+    }
+    let r = r.inner.clone();
+    py.detach(|| api.describe(&r)).py_err(py)
+}
+
+#[pymethods]
+impl Store {
+    /// The store id (the namespace of its refs).
+    #[getter]
+    fn store_id(&self) -> &str {
+        &self.store_id
+    }
+
+    /// The URI the store was opened with.
+    #[getter]
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// How bfloat16 features come back: `"ml_dtypes"` or `"uint16"`.
+    #[getter]
+    fn bfloat16(&self) -> &'static str {
+        self.bf16.name()
+    }
+
+    /// Stores one sample and returns its ref.
+    ///
+    /// `tensors` maps feature names to numpy arrays or torch tensors. C-contiguous
+    /// little-endian arrays are read in place (no copy before the store's own); other layouts
+    /// are copied once first. `metadata` is a JSON-able dict (a tensor in it is a `TypeError`).
+    /// `dtypes` stores an array's bits under another dtype of the same item size, e.g.
+    /// `{"hidden_state": "bfloat16"}` for a `uint16` array of bfloat16 bit patterns (arrays of
+    /// `ml_dtypes.bfloat16` and torch bfloat16 tensors need nothing). A full store raises
+    /// `StoreFullError` at once, or, with `timeout` (seconds), waits that long for room.
+    #[pyo3(signature = (sample_id, tensors, metadata = None, *, dtypes = None, timeout = None))]
+    fn put(
+        &self,
+        py: Python<'_>,
+        sample_id: &str,
+        tensors: &Bound<'_, PyAny>,
+        metadata: Option<&Bound<'_, PyAny>>,
+        dtypes: Option<&Bound<'_, PyDict>>,
+        timeout: Option<f64>,
+    ) -> PyResult<PySampleRef> {
+        let api = self.api(py)?;
+        let metadata = pyjson::map_from_py(py, metadata, "metadata")?;
+        if !tensors.is_instance_of::<PyDict>() && !tensors.hasattr("items")? {
+            return Err(invalid(
+                py,
+                format!("put: tensors must be a dict of arrays, not {}", arrays::describe(tensors)),
+            ));
+        }
+        let mut overrides: IndexMap<String, ferry_core::DType> = IndexMap::new();
+        if let Some(dtypes) = dtypes {
+            for (k, v) in dtypes.iter() {
+                let name: String = k.extract()?;
+                let dtype: String = v.extract()?;
+                overrides.insert(name, arrays::parse_dtype(py, &dtype)?);
+            }
+        }
+        let mut held: Vec<(String, PutArray<'_>)> = Vec::new();
+        for item in tensors.call_method0("items")?.try_iter()? {
+            let (name, obj): (String, Bound<'_, PyAny>) = item?.extract()?;
+            let prepared = arrays::prepare_put(py, &name, &obj, overrides.get(&name).copied())?;
+            held.push((name, prepared));
+        }
+        if let Some(unknown) = overrides.keys().find(|k| !held.iter().any(|(n, _)| n == *k)) {
+            return Err(invalid(py, format!("put: dtypes names {unknown:?}, which is not one of the tensors")));
+        }
+        let views: Vec<(&str, TensorView<'_>)> = held
+            .iter()
+            .map(|(name, a)| TensorView::new(a.dtype, &a.shape, a.bytes()).map(|v| (name.as_str(), v)))
+            .collect::<ferry_core::Result<_>>()
+            .py_err(py)?;
+        arrays::trace(TraceOp::Put, held.iter().map(|(n, a)| (n.clone(), a.address(), a.bytes().len())).collect());
+        let r = match timeout {
+            None => py.detach(|| api.put(sample_id, &views, metadata)),
+            Some(t) => {
+                let deadline = Instant::now() + seconds(py, "timeout", t)?;
+                loop {
+                    let slice = deadline.min(Instant::now() + WAIT_SLICE);
+                    let meta = metadata.clone();
+                    let r = py.detach(|| api.put_until(sample_id, &views, meta, slice));
+                    match r {
+                        Err(Error::OverBudget { .. }) if Instant::now() < deadline => py.check_signals()?,
+                        other => break other,
+                    }
+                }
+            }
+        };
+        Ok(PySampleRef { inner: r.py_err(py)? })
+    }
+
+    /// Reads a sample's features (all of them, or `names`) into new numpy arrays and takes a
+    /// read lease. Returns a `Lease`: a mapping of feature name -> array, and a context manager
+    /// that releases the lease on exit. The arrays own their memory (ferry's buffers, wrapped
+    /// without a copy): they stay valid after the lease is released.
+    #[pyo3(signature = (r#ref, names = None))]
+    fn get(&self, py: Python<'_>, r#ref: &Bound<'_, PySampleRef>, names: Option<Vec<String>>) -> PyResult<Lease> {
+        let r = r#ref;
+        let api = self.api(py)?;
+        let wanted: Option<Vec<&str>> = names.as_ref().map(|n| n.iter().map(String::as_str).collect());
+        let sample = r.get().inner.clone();
+        let (tensors, handle) = py.detach(|| api.get(&sample, wanted.as_deref())).py_err(py)?;
+        let build = || -> PyResult<(Bound<'_, PyDict>, arrays::TraceEntries)> {
+            let out = PyDict::new(py);
+            let mut trace = Vec::with_capacity(tensors.len());
+            for (name, tensor) in tensors {
+                let nbytes = tensor.bytes().len();
+                let (arr, addr) = arrays::to_numpy(py, tensor, self.bf16)?;
+                trace.push((name.clone(), addr, nbytes));
+                out.set_item(name, arr)?;
+            }
+            Ok((out, trace))
+        };
+        match build() {
+            Ok((out, trace)) => {
+                arrays::trace(TraceOp::Get, trace);
+                Ok(Lease::new(api, handle, out, r))
+            }
+            Err(e) => {
+                let _ = py.detach(|| api.release(&handle));
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads a sample's features into the caller's arrays, `out` mapping feature name ->
+    /// array (numpy, or a CPU torch tensor), each writable, C-contiguous, of the feature's
+    /// dtype (bfloat16 takes `ml_dtypes.bfloat16`, `uint16` or `int16` arrays) and exactly its
+    /// byte size (any shape). Takes a read lease and returns it as a `Lease` over `out`.
+    fn get_into(&self, py: Python<'_>, r#ref: &Bound<'_, PySampleRef>, out: &Bound<'_, PyDict>) -> PyResult<Lease> {
+        let r = r#ref;
+        let api = self.api(py)?;
+        let names: Vec<String> = out.keys().iter().map(|k| k.extract()).collect::<PyResult<_>>()?;
+        let specs = specs_of(py, &api, r.get(), &names)?;
+        let mut outs: Vec<(String, OutArray<'_>)> = Vec::with_capacity(names.len());
+        for (k, v) in out.iter() {
+            let name: String = k.extract()?;
+            let spec = specs.get(&name).ok_or_else(|| {
+                to_py(
+                    py,
+                    &Error::NotFound {
+                        what: format!("feature {name:?} of sample {:?}", r.get().inner.sample_id.as_str()),
+                    },
+                )
+            })?;
+            outs.push((name, arrays::prepare_out(py, &v, spec)?));
+        }
+        arrays::check_disjoint(py, &outs)?;
+        let trace: arrays::TraceEntries = outs.iter().map(|(n, o)| (n.clone(), o.address(), o.len())).collect();
+        let sample = r.get().inner.clone();
+        let mut dsts: Vec<(&str, &mut [u8])> = outs.iter_mut().map(|(n, o)| (n.as_str(), o.bytes_mut())).collect();
+        let handle = py.detach(|| api.get_into(&sample, &mut dsts)).py_err(py)?;
+        arrays::trace(TraceOp::GetInto, trace);
+        Ok(Lease::new(api, handle, out.copy()?, r))
+    }
+
+    /// The specs of a sample's features, as the store holds them.
+    fn describe<'py>(&self, py: Python<'py>, r#ref: &Bound<'py, PySampleRef>) -> PyResult<Bound<'py, PyDict>> {
+        let r = r#ref;
+        let api = self.api(py)?;
+        let sample = r.get().inner.clone();
+        let specs = py.detach(|| api.describe(&sample)).py_err(py)?;
+        let d = PyDict::new(py);
+        for (k, v) in specs {
+            d.set_item(k, PyFeatureSpec { inner: v })?;
+        }
+        Ok(d)
+    }
+
+    /// Releases a read lease: a `Lease` (same as `lease.release()`) or a `FeatureHandle`.
+    /// Idempotent; a stale handle releases nothing. The last lease frees the sample unless the
+    /// store retains on release.
+    fn release(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
+        if let Ok(lease) = handle.cast::<Lease>() {
+            return lease.get().release(py);
+        }
+        let Ok(h) = handle.cast::<PyFeatureHandle>() else {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "release takes a Lease or a FeatureHandle, not {}",
+                arrays::describe(handle)
+            )));
+        };
+        let api = self.api(py)?;
+        let h = h.get().inner.clone();
+        py.detach(|| api.release(&h)).py_err(py)
+    }
+
+    /// Frees a sample now, whoever holds leases on it; their later reads are refused.
+    /// Idempotent.
+    fn abort(&self, py: Python<'_>, sample_id: &str) -> PyResult<()> {
+        let api = self.api(py)?;
+        let sid = SampleId::new(sample_id);
+        py.detach(|| api.abort(&sid)).py_err(py)
+    }
+
+    /// Frees every sample; returns how many.
+    fn abort_all(&self, py: Python<'_>) -> PyResult<usize> {
+        let api = self.api(py)?;
+        py.detach(|| api.abort_all()).py_err(py)
+    }
+
+    /// Takes ownership of a sample another writer published (so this store's abort, release
+    /// and GC apply to it).
+    fn adopt(&self, py: Python<'_>, r#ref: &Bound<'_, PySampleRef>) -> PyResult<()> {
+        let r = r#ref;
+        let api = self.api(py)?;
+        let sample = r.get().inner.clone();
+        py.detach(|| api.adopt(&sample)).py_err(py)
+    }
+
+    /// One max-hold GC sweep plus retries of pending removals:
+    /// `{"force_freed", "force_freed_bytes", "release_pending"}`.
+    fn gc<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let api = self.api(py)?;
+        let report = py.detach(|| api.gc()).py_err(py)?;
+        pyjson::to_py(py, &report)
+    }
+
+    /// Retries every pending removal (or those of `sample_ids`), forced, up to `max_attempts`
+    /// times `retry_interval_s` apart: `{"removed", "removed_bytes", "release_pending",
+    /// "attempts"}`. `DrainIncompleteError` if removals are still pending at the end.
+    #[pyo3(signature = (*, sample_ids = None, max_attempts = 8, retry_interval_s = 0.25))]
+    fn drain<'py>(
+        &self,
+        py: Python<'py>,
+        sample_ids: Option<Vec<String>>,
+        max_attempts: u32,
+        retry_interval_s: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let api = self.api(py)?;
+        let policy = DrainPolicy { max_attempts, retry_interval: seconds(py, "retry_interval_s", retry_interval_s)? };
+        let ids: Option<Vec<SampleId>> = sample_ids.map(|ids| ids.into_iter().map(SampleId::new).collect());
+        let report = py
+            .detach(|| match &ids {
+                Some(ids) => api.drain_samples(ids, policy),
+                None => api.drain(policy),
+            })
+            .py_err(py)?;
+        pyjson::to_py(py, &report)
+    }
+
+    /// The health map (SpecForge's `health()` keys plus ferry's).
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let api = self.api(py)?;
+        let health = py.detach(|| api.health()).py_err(py)?;
+        pyjson::to_py(py, &health)
+    }
+
+    /// Whether release keeps the bytes (offline data) or frees them (consume-once).
+    fn retains_on_release(&self, py: Python<'_>) -> PyResult<bool> {
+        let api = self.api(py)?;
+        py.detach(|| api.retains_on_release()).py_err(py)
+    }
+
+    /// Closes the store (a daemon connection is closed). Leases still held can be released.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let api = self.api.lock().map_err(|_| invalid(py, "store lock poisoned"))?.take();
+        py.detach(move || drop(api));
+        Ok(())
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        let closed = self.api.lock().map_or(true, |a| a.is_none());
+        format!("Store(uri={:?}, store_id={:?}{})", self.uri, self.store_id, if closed { ", closed" } else { "" })
+    }
+}
+
+/// A read lease on one sample and the tensors read under it: a mapping of feature name ->
+/// array, and a context manager. The lease is released by `release()`, on leaving a `with`
+/// block, or when the `Lease` is garbage collected, whichever comes first; keep the `Lease`
+/// to keep the lease. Arrays from `get` own their memory, so they stay valid after release.
+#[pyclass(frozen, mapping, module = "ferry", name = "Lease")]
+pub(crate) struct Lease {
+    api: Api,
+    handle: FeatureHandle,
+    released: AtomicBool,
+    tensors: Py<PyDict>,
+    r: Py<PySampleRef>,
+}
+
+#[pymethods]
+impl Lease {
+    fn __getitem__<'py>(&self, py: Python<'py>, name: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.tensors.bind(py).as_any().get_item(name)
+    }
+
+    fn __len__(&self, py: Python<'_>) -> usize {
+        self.tensors.bind(py).len()
+    }
+
+    fn __contains__(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.tensors.bind(py).contains(name)
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
+        self.tensors.bind(py).as_any().try_iter()
+    }
+
+    /// The feature names.
+    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.tensors.bind(py).call_method0("keys")
+    }
+
+    /// The arrays.
+    fn values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.tensors.bind(py).call_method0("values")
+    }
+
+    /// `(name, array)` pairs.
+    fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.tensors.bind(py).call_method0("items")
+    }
+
+    /// The array of `name`, or `default`.
+    #[pyo3(signature = (name, default = None))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'py, PyAny>,
+        default: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let d = self.tensors.bind(py);
+        match d.get_item(name)? {
+            Some(v) => Ok(v),
+            None => Ok(default.unwrap_or_else(|| py.None().into_bound(py))),
+        }
+    }
+
+    /// A new dict of feature name -> array.
+    #[getter]
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.tensors.bind(py).copy()
+    }
+
+    /// The lease's `FeatureHandle` (for `Store.release`, or SpecForge-shaped code).
+    #[getter]
+    fn handle(&self) -> PyFeatureHandle {
+        PyFeatureHandle { inner: self.handle.clone() }
+    }
+
+    /// The ref that was read.
+    #[getter(r#ref)]
+    fn sample_ref(&self, py: Python<'_>) -> Py<PySampleRef> {
+        self.r.clone_ref(py)
+    }
+
+    /// The tensors as torch tensors over the same memory (bfloat16 features as
+    /// `torch.bfloat16`). Needs torch.
+    fn to_torch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        static TO_TORCH: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let dtypes = PyDict::new(py);
+        for (name, spec) in &self.r.get().inner.feature_specs {
+            dtypes.set_item(name, &spec.dtype)?;
+        }
+        TO_TORCH.import(py, "ferry._arrays", "_to_torch_dict")?.call1((self.tensors.bind(py), dtypes))
+    }
+
+    /// Whether the lease has been released.
+    #[getter]
+    fn released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
+    }
+
+    /// Releases the lease (idempotent). The last lease on a sample frees it unless the store
+    /// retains on release. Arrays from `get` stay valid.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Err(e) = py.detach(|| self.api.release(&self.handle)) {
+            self.released.store(false, Ordering::SeqCst);
+            return Err(to_py(py, &e));
+        }
+        Ok(())
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (exc_type, _exc_value, _traceback))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: &Bound<'_, PyAny>,
+        _exc_value: &Bound<'_, PyAny>,
+        _traceback: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let released = self.release(py);
+        // An exception already leaving the block wins over a failed release.
+        if exc_type.is_none() {
+            released?;
+        }
+        Ok(false)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let names: Vec<String> = self
+            .tensors
+            .bind(py)
+            .keys()
+            .iter()
+            .map(|k| k.str().map_or_else(|_| "?".into(), |s| s.to_string()))
+            .collect();
+        format!(
+            "Lease(sample_id={:?}, generation={}, features={names:?}{})",
+            self.handle.sample_id.as_str(),
+            self.handle.generation,
+            if self.released() { ", released" } else { "" }
+        )
+    }
+}
+
+impl Lease {
+    fn new(api: Api, handle: FeatureHandle, tensors: Bound<'_, PyDict>, r: &Bound<'_, PySampleRef>) -> Lease {
+        Lease { api, handle, released: AtomicBool::new(false), tensors: tensors.unbind(), r: r.clone().unbind() }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.released.swap(true, Ordering::SeqCst)
+            && let Err(e) = self.api.release(&self.handle)
+        {
+            tracing::warn!(error = %e, sample = %self.handle.sample_id.as_str(), "releasing a dropped lease");
+        }
+    }
+}
