@@ -14,13 +14,22 @@
 //! * `records` — `SampleRef`, `FeatureSpec`, `FeatureHandle`.
 //! * `store` — `open_store`, `Store`, `Lease`; the GIL is released around every store call.
 //! * `arrays` — numpy in and out without copies (the only `unsafe` of the crate).
+//! * `backend` — `open_store_with_backend`: a Python object (Mooncake's client API) as a byte backend.
 //! * `daemon` — `start_daemon`, `Daemon`.
+//! * `loader` — `FeatureLoader`, `Batches`, `Batch`; `offline_refs`, `read_manifest`, `write_manifest`.
 //! * `errors` — ferry's `Error` as the Python exception tree of `ferry/_errors.py`.
+//! * `pooled_get` — `Store.get` from a daemon into warm pooled buffers.
 //! * `pyjson` — JSON values through Python's `json` module.
 
 mod arrays;
+mod backend;
+mod control;
 mod daemon;
 mod errors;
+mod loader;
+mod online;
+mod pooled_get;
+mod producer;
 mod pyjson;
 mod records;
 mod store;
@@ -39,8 +48,21 @@ fn ferry_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<daemon::Daemon>()?;
     m.add_class::<arrays::OwnedBuffer>()?;
     m.add_function(wrap_pyfunction!(store::open_store, m)?)?;
+    m.add_function(wrap_pyfunction!(backend::open_store_with_backend, m)?)?;
     m.add_function(wrap_pyfunction!(daemon::start_daemon, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::debug_stats, m)?)?;
+    m.add_class::<loader::PyFeatureLoader>()?;
+    m.add_class::<loader::PyBatches>()?;
+    m.add_class::<loader::Batch>()?;
+    m.add_function(wrap_pyfunction!(loader::offline_refs, m)?)?;
+    m.add_function(wrap_pyfunction!(loader::read_manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(loader::write_manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(loader::debug_last_batch, m)?)?;
+    m.add_class::<control::RefChannel>()?;
+    m.add_class::<control::SocketCollective>()?;
+    m.add_class::<online::PyConsumerConfig>()?;
+    m.add_class::<online::OnlineRank>()?;
+    m.add_class::<producer::Producer>()?;
     let dtypes: Vec<&str> = ferry_core::DType::ALL.iter().map(|d| d.name()).collect();
     m.add("DTYPES", dtypes)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -129,9 +129,20 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    fn api(&self, py: Python<'_>) -> PyResult<Api> {
+    /// The store's API (an error once closed); also the loader's store.
+    pub(crate) fn api(&self, py: Python<'_>) -> PyResult<Api> {
         let guard = self.api.lock().map_err(|_| invalid(py, "store lock poisoned"))?;
         guard.clone().ok_or_else(|| invalid(py, format!("store {} is closed", self.uri)))
+    }
+
+    /// How bfloat16 features come back from this store (the loader's batches follow it).
+    pub(crate) fn bf16_mode(&self) -> Bf16Mode {
+        self.bf16
+    }
+
+    /// A `Store` over a store opened elsewhere (`open_store_with_backend`).
+    pub(crate) fn from_api(api: Arc<dyn FeatureStoreApi>, uri: String, bf16: Bf16Mode) -> Store {
+        Store { store_id: api.store_id().as_str().to_owned(), api: Mutex::new(Some(api)), uri, bf16 }
     }
 }
 
@@ -247,7 +258,14 @@ impl Store {
         let api = self.api(py)?;
         let wanted: Option<Vec<&str>> = names.as_ref().map(|n| n.iter().map(String::as_str).collect());
         let sample = r.get().inner.clone();
-        let (tensors, handle) = py.detach(|| api.get(&sample, wanted.as_deref())).py_err(py)?;
+        // A daemon client's `get` reads into fresh memory; pooled buffers + `get_into` are warm.
+        let daemon = self.uri.starts_with("ferry://") || self.uri.starts_with("ferry+unix://");
+        let (tensors, handle) = py
+            .detach(|| {
+                let pooled = if daemon { crate::pooled_get::get(&*api, &sample, wanted.as_deref()) } else { None };
+                pooled.unwrap_or_else(|| api.get(&sample, wanted.as_deref()))
+            })
+            .py_err(py)?;
         let build = || -> PyResult<(Bound<'_, PyDict>, arrays::TraceEntries)> {
             let out = PyDict::new(py);
             let mut trace = Vec::with_capacity(tensors.len());
@@ -354,6 +372,38 @@ impl Store {
         let api = self.api(py)?;
         let sample = r.get().inner.clone();
         py.detach(|| api.adopt(&sample)).py_err(py)
+    }
+
+    /// Tracks a sample an external writer (a capture server) may be writing as
+    /// `sample_id` at `generation` with the features `names`, before this process sees its
+    /// response: `adopt(ref)` takes it over, `discard_external_attempts()` frees every tracked
+    /// attempt not adopted.
+    fn track_external_attempt(
+        &self,
+        py: Python<'_>,
+        sample_id: &str,
+        generation: u64,
+        names: Vec<String>,
+    ) -> PyResult<()> {
+        let api = self.api(py)?;
+        let sid = SampleId::new(sample_id);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        py.detach(|| api.track_external_attempt(&sid, ferry_core::Generation::new(generation), &names)).py_err(py)
+    }
+
+    /// Frees every tracked external attempt not adopted; returns how many.
+    fn discard_external_attempts(&self, py: Python<'_>) -> PyResult<usize> {
+        let api = self.api(py)?;
+        py.detach(|| api.discard_external_attempts()).py_err(py)
+    }
+
+    /// Gives up this client's ownership of samples (an owning daemon client no longer aborts
+    /// them when its connection ends); a producer disowns refs just before publishing them.
+    /// Other stores have nothing to disown.
+    fn disown(&self, py: Python<'_>, sample_ids: Vec<String>) -> PyResult<()> {
+        let api = self.api(py)?;
+        let ids: Vec<SampleId> = sample_ids.into_iter().map(SampleId::new).collect();
+        py.detach(|| api.disown(&ids)).py_err(py)
     }
 
     /// One max-hold GC sweep plus retries of pending removals:

@@ -15,6 +15,7 @@ exception tree (``ferry._errors``) and the array helpers (``ferry._arrays``). Se
 from collections.abc import Mapping as _Mapping
 
 from ferry._arrays import bfloat16_dtype, to_torch
+from ferry._collective import LocalCollective, TorchCollective
 from ferry._errors import (
     AuthError,
     BackendError,
@@ -42,54 +43,81 @@ from ferry._errors import (
 )
 from ferry._ferry import (
     DTYPES,
+    Batch,
+    Batches,
+    ConsumerConfig,
     Daemon,
     FeatureHandle,
+    FeatureLoader,
     FeatureSpec,
     Lease,
+    OnlineRank,
+    Producer,
+    RefChannel,
     SampleRef,
+    SocketCollective,
     Store,
     __version__,
+    offline_refs,
     open_store,
+    open_store_with_backend,
+    read_manifest,
     start_daemon,
+    write_manifest,
 )
 
 _Mapping.register(Lease)
+_Mapping.register(Batch)
 
 __all__ = [
     "DTYPES",
     "AuthError",
     "BackendError",
+    "Batch",
+    "Batches",
     "CollectiveError",
+    "ConsumerConfig",
     "CorruptError",
     "Daemon",
     "DrainIncompleteError",
     "Error",
     "FailureHandlingError",
     "FeatureHandle",
+    "FeatureLoader",
     "FeatureSpec",
     "InvalidArgumentError",
     "IoError",
     "JsonError",
     "Lease",
+    "LocalCollective",
     "MissingFeatureKeysError",
     "NotAvailableError",
     "NotFoundError",
+    "OnlineRank",
     "PeerFailedError",
     "PeerLostError",
+    "Producer",
     "ProtocolError",
+    "RefChannel",
     "RemoteError",
     "SampleRef",
     "ShortReadError",
+    "SocketCollective",
     "StaleRefError",
     "Store",
     "StoreFullError",
+    "TorchCollective",
     "UnknownDtypeError",
     "UseAfterFreeError",
     "__version__",
     "bfloat16_dtype",
+    "offline_refs",
     "open_store",
+    "open_store_with_backend",
+    "read_manifest",
     "start_daemon",
     "to_torch",
+    "write_manifest",
 ]
 # ferry.TimeoutError is deliberately not in __all__: `from ferry import *` must not shadow the
 # builtin (it derives from it, so `except TimeoutError` still catches ferry's).

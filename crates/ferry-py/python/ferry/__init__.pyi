@@ -1,7 +1,7 @@
 """Type stubs for ferry (the native module ``ferry._ferry`` plus the pure-Python helpers)."""
 
 import builtins
-from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, final
@@ -12,37 +12,51 @@ __all__ = [
     "DTYPES",
     "AuthError",
     "BackendError",
+    "Batch",
+    "Batches",
     "CollectiveError",
+    "ConsumerConfig",
     "CorruptError",
     "Daemon",
     "DrainIncompleteError",
     "Error",
     "FailureHandlingError",
     "FeatureHandle",
+    "FeatureLoader",
     "FeatureSpec",
     "InvalidArgumentError",
     "IoError",
     "JsonError",
     "Lease",
+    "LocalCollective",
     "MissingFeatureKeysError",
     "NotAvailableError",
     "NotFoundError",
+    "OnlineRank",
     "PeerFailedError",
     "PeerLostError",
+    "Producer",
     "ProtocolError",
+    "RefChannel",
     "RemoteError",
     "SampleRef",
     "ShortReadError",
+    "SocketCollective",
     "StaleRefError",
     "Store",
     "StoreFullError",
+    "TorchCollective",
     "UnknownDtypeError",
     "UseAfterFreeError",
     "__version__",
     "bfloat16_dtype",
+    "offline_refs",
     "open_store",
+    "open_store_with_backend",
+    "read_manifest",
     "start_daemon",
     "to_torch",
+    "write_manifest",
 ]
 
 __version__: str
@@ -212,6 +226,38 @@ def open_store(
     when a daemon cannot be reached, ``InvalidArgumentError`` for a bad URI or option.
     """
 
+def open_store_with_backend(
+    backend: Any,
+    *,
+    store_id: str | None = None,
+    retain_on_release: bool = False,
+    max_resident_bytes: int | None = None,
+    max_hold_age_s: float | None = None,
+    max_release_attempts: int = 3,
+    secret: str | None = None,
+    credential: str | None = None,
+    replicate_config: Any = None,
+    register_buffers: bool = True,
+    uri_scheme: str = "mooncake",
+    bfloat16: _Bfloat16Mode = "auto",
+) -> Store:
+    """Opens a feature store whose bytes live in ``backend``, a Python object with Mooncake's
+    raw-buffer client API (``mooncake.store.MooncakeDistributedStore`` plugs in unchanged):
+    ``put_from(key, buffer_ptr, size[, config]) -> 0``, ``get_into(key, buffer_ptr, size) ->
+    bytes read``, ``remove(key[, force]) -> 0``, ``is_exist(key) -> 1 | 0``; negative statuses
+    are failures, ``-704`` (OBJECT_NOT_FOUND) a missing object. Optional: ``batch_put_from``,
+    ``batch_get_into``, ``get_size``, ``register_buffer`` / ``unregister_buffer``.
+
+    Keys are ``{store_id}/{sample_id}/g{generation}/{name}``, one raw object per tensor; refs
+    are ``{uri_scheme}://{store_id}/{sample_id}`` with ``metadata.generation``. Every lifecycle
+    rule of ``open_store``'s stores applies. ``put_from`` receives the caller's array address
+    (no staging copy); ``get_into`` the destination's. ``replicate_config`` is passed to every
+    put; ``register_buffers`` registers each transfer's memory around the call.
+
+    Raises ``BackendError`` (a ``RuntimeError``) when the client lacks a required method; a
+    client's exception in any later call is a ``BackendError`` with its text.
+    """
+
 @final
 class Store:
     """A feature store (``open_store``). Every call that can block runs without the GIL. A
@@ -266,6 +312,16 @@ class Store:
         """Frees every sample; returns how many."""
     def adopt(self, ref: SampleRef) -> None:
         """Takes ownership of a sample another writer published."""
+    def track_external_attempt(self, sample_id: str, generation: int, names: list[str]) -> None:
+        """Tracks a sample an external writer (a capture server) may be writing as
+        ``sample_id`` at ``generation`` with the features ``names``, before this process sees
+        its response: ``adopt(ref)`` takes it over, ``discard_external_attempts()`` frees every
+        tracked attempt not adopted. ``names`` must not be empty."""
+    def discard_external_attempts(self) -> int:
+        """Frees every tracked external attempt not adopted; returns how many."""
+    def disown(self, sample_ids: list[str]) -> None:
+        """Gives up this client's ownership (an owning daemon client no longer aborts the
+        samples when its connection ends); a producer disowns refs just before publishing."""
     def gc(self) -> dict[str, int]:
         """One max-hold GC sweep: ``{"force_freed", "force_freed_bytes", "release_pending"}``."""
     def drain(
@@ -352,6 +408,374 @@ class Daemon:
     def connections(self) -> int: ...
     def stop(self) -> None: ...
     def __enter__(self) -> Daemon: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool: ...
+
+# --- the feature loader ----------------------------------------------------------------------
+
+_Strategy = Literal["eagle3", "dflash", "domino"]
+
+@final
+class FeatureLoader:
+    """The feature loader over a fixed ref list (refs mode): refs + store -> collated batches.
+
+    Every ``iter(loader)`` is one pass (a :class:`Batches`), in batches of ``batch_size``, a
+    short tail dropped when ``drop_last``; each batch is materialized with the GIL released
+    (inline, or ``num_workers`` batches ahead on Rust threads) and padded to its longest sample
+    with an ``attention_mask``. ``dp``/``rank`` shard the refs exactly as
+    ``torch.utils.data.DistributedSampler(num_replicas=dp, rank=rank, shuffle=shuffle,
+    seed=seed, drop_last=dp_drop_last)``, reshuffled per :meth:`set_epoch`. ``max_len`` cuts
+    offline samples (default: each ref's ``metadata.max_len``). ``len(loader)`` is the batches
+    of one full pass. An unknown ``strategy`` is an ``InvalidArgumentError`` naming the
+    registered ones. Queue mode (online) is not exposed yet.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        refs: Iterable[SampleRef],
+        *,
+        batch_size: int = 1,
+        drop_last: bool = True,
+        strategy: _Strategy | str = "eagle3",
+        num_workers: int = 0,
+        dp: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        dp_drop_last: bool = False,
+        max_len: int | None = None,
+    ) -> None: ...
+    def __iter__(self) -> Batches:
+        """Starts a pass, consuming a pending :meth:`seek`."""
+    def __len__(self) -> int:
+        """Batches one full pass yields (this rank's share with ``dp``)."""
+    @property
+    def refs_per_pass(self) -> int: ...
+    def seek(self, batches: int) -> None:
+        """Skips the first ``batches`` batches of the next pass only (never read)."""
+    def set_epoch(self, epoch: int) -> None:
+        """With ``dp``, the next pass reads that epoch's shard (seeded ``seed + epoch``)."""
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def drop_last(self) -> bool: ...
+    @property
+    def num_workers(self) -> int: ...
+    @property
+    def dp(self) -> int | None: ...
+    @property
+    def rank(self) -> int | None: ...
+    def load_batch(self, refs: Iterable[SampleRef]) -> Batch:
+        """``refs`` as one batch, now, exactly as a pass would build it."""
+    def close(self) -> None:
+        """Nothing to release in refs mode; the loader stays usable."""
+    def __enter__(self) -> FeatureLoader: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool: ...
+
+@final
+class Batches(Iterator[Batch]):
+    """One pass: batches in order, ending at the first error (raised)."""
+
+    def __iter__(self) -> Batches: ...
+    def __next__(self) -> Batch: ...
+    @property
+    def remaining(self) -> int:
+        """Batches still to come (if none fails)."""
+    def __length_hint__(self) -> int: ...
+    def close(self) -> None:
+        """Stops the pass's workers (``TimeoutError`` if one is still reading; retry later)."""
+    def __enter__(self) -> Batches: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool: ...
+
+@final
+class Batch(Mapping[str, Any]):
+    """One collated batch; also a mapping of tensor name -> numpy array.
+
+    The arrays are ferry's batch buffers handed to numpy without a copy; they own their memory
+    and outlive the loader and the store.
+    """
+
+    @property
+    def sample_ids(self) -> list[str]: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def tensors(self) -> dict[str, numpy.ndarray]:
+        """A new dict of tensor name -> array (the same arrays every time)."""
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """ferry's dtype name per tensor (``"bfloat16"`` also where the array is ``uint16``)."""
+    def to_torch(self) -> dict[str, Any]:
+        """The tensors as torch tensors over the same memory (bfloat16 as ``torch.bfloat16``)."""
+    def __getitem__(self, key: str, /) -> numpy.ndarray: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def __contains__(self, key: object, /) -> bool: ...
+    def keys(self) -> KeysView[str]: ...
+    def values(self) -> ValuesView[Any]: ...
+    def items(self) -> ItemsView[str, Any]: ...
+    def get(self, name: str, default: Any = None) -> Any: ...
+
+def offline_refs(
+    path: str | PathLike[str],
+    *,
+    run_id: str = "offline",
+    strategy: _Strategy | str = "eagle3",
+    validate: bool = False,
+    max_len: int = 2048,
+    ttt_length: int = 7,
+) -> list[SampleRef]:
+    """One lazy ``file://`` ref per feature file under ``path`` (SpecForge's
+    ``OfflineManifestReader``: lexicographic order, ids ``<run_id>:<index:08>``, the strategy's
+    raw keys). ``validate=True`` opens each file once to fill specs and sizes."""
+
+def read_manifest(path: str | PathLike[str]) -> list[SampleRef]:
+    """The refs of a SpecForge offline ref manifest."""
+
+def write_manifest(refs: Iterable[SampleRef], path: str | PathLike[str]) -> None:
+    """Writes SpecForge's manifest bytes atomically (``<path>.tmp``, then a rename)."""
+
+# --- the online control plane ----------------------------------------------------------------
+
+@final
+class RefChannel:
+    """A ref channel file, byte-compatible with SpecForge's ``StreamingRefChannel`` (JSONL plus
+    sidecars): the producer's half and the consumer's half. ``published`` and ``consumed``
+    count what this instance did. Every call runs without the GIL."""
+
+    def __new__(cls, path: str | PathLike[str]) -> RefChannel: ...
+    @staticmethod
+    def inbox(inbox_dir: str | PathLike[str], rank: int) -> RefChannel:
+        """Rank ``rank``'s inbox (``inbox-rank<rank>.jsonl``), written by the ref distributor."""
+    @property
+    def path(self) -> PathLike[str]: ...
+    def publish(self, refs: SampleRef | Iterable[SampleRef]) -> None:
+        """Appends a ref, or refs in one write and one fsync (the directory must exist)."""
+    def publish_lines(self, lines: list[str]) -> None:
+        """Appends records that are already compact JSON refs."""
+    @property
+    def published(self) -> int: ...
+    def close(self) -> None:
+        """A clean end of stream (``.closed``)."""
+    def mark_failed(self, reason: str = "") -> None:
+        """The producer failed (``.failed``)."""
+    def poll(self, max: int | None = None) -> list[SampleRef]:
+        """Up to ``max`` new refs without blocking (a torn trailing record is never returned)."""
+    def poll_records(self, max: int | None = None) -> list[tuple[str, str]]:
+        """Up to ``max`` new records as ``(sample_id, line)``, no ref built."""
+    def is_closed(self) -> bool: ...
+    def failure(self) -> str | None: ...
+    def mark_consumed(self, n: int) -> None: ...
+    def seed_consumed(self) -> int: ...
+    @property
+    def consumed(self) -> int: ...
+    def consumed_remote(self) -> int: ...
+    def in_flight_remote(self) -> int: ...
+    def mark_consumer_done(self) -> None: ...
+    def mark_consumer_failed(self, reason: str = "") -> None: ...
+    def consumer_failure(self) -> str | None: ...
+    def consumer_stopped(self) -> bool: ...
+    def consumer_quantum(self) -> int | None: ...
+    def publish_consumer_quantum(self, quantum: int, allow_existing: bool = False) -> None: ...
+    def state(self) -> dict[str, Any]:
+        """``{"closed", "failed", "consumed_count", "consumer_done", "consumer_failed",
+        "consumer_quantum"}``."""
+
+class _Collective:
+    """What ``OnlineRank`` takes as a collective (a protocol)."""
+
+    rank: int
+    world_size: int
+    def all_gather(self, part: bytes) -> list[bytes]: ...
+
+@final
+class SocketCollective:
+    """One rank of a group of processes joined through rank 0's socket (no torch needed)."""
+
+    def __new__(
+        cls, address: str, rank: int, world_size: int, timeout_s: float = 300.0, *, group: str = "ferry"
+    ) -> SocketCollective:
+        """``address`` is ``unix:///path`` or ``tcp://host:port``; rank 0 listens, the others
+        connect. ``timeout_s`` bounds the rendezvous and every round."""
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    def all_gather(self, part: bytes) -> list[bytes]: ...
+    def broadcast_from_rank0(self, part: bytes) -> bytes: ...
+    def abandon(self) -> None: ...
+
+class TorchCollective:
+    """The collective over ``torch.distributed`` (``all_gather_object``); needs an initialized
+    process group."""
+
+    rank: int
+    world_size: int
+    def __init__(self, group: Any = None) -> None: ...
+    def all_gather(self, part: bytes) -> list[bytes]: ...
+    def abandon(self) -> None: ...
+
+class LocalCollective:
+    """A one-rank collective."""
+
+    rank: int
+    world_size: int
+    def all_gather(self, part: bytes) -> list[bytes]: ...
+
+@final
+class ConsumerConfig:
+    """An online consumer's state locations and shape (``ferry_control``'s ``ConsumerConfig``)."""
+
+    def __new__(
+        cls,
+        run_id: str,
+        channel: str | PathLike[str],
+        inbox_dir: str | PathLike[str],
+        ledger: str | PathLike[str],
+        *,
+        dp_size: int = 1,
+        batch_size: int = 1,
+        accumulation: int = 1,
+        resume: bool = False,
+        checkpoint_step: int = 0,
+        idle_timeout_s: float | None = None,
+        poll_s: float = 0.05,
+    ) -> ConsumerConfig: ...
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def channel(self) -> PathLike[str]: ...
+    @property
+    def inbox_dir(self) -> PathLike[str]: ...
+    @property
+    def ledger(self) -> PathLike[str]: ...
+    @property
+    def dp_size(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def accumulation(self) -> int: ...
+    @property
+    def resume(self) -> bool: ...
+    @property
+    def checkpoint_step(self) -> int: ...
+    @property
+    def idle_timeout_s(self) -> float | None: ...
+    @property
+    def poll_s(self) -> float: ...
+    @property
+    def refs_per_rank_step(self) -> int: ...
+    @property
+    def quantum(self) -> int:
+        """``dp_size * batch_size * accumulation``: one global optimizer window."""
+
+@final
+class OnlineRank(Iterator[list[list[SampleRef]]]):
+    """One data-parallel rank of an online consumer: rank-0 setup agreement, the distributor
+    on rank 0, optimizer steps from the rank's inbox, the durable DP ack per step, and the
+    finishing lifecycle. A context manager: ``finish()`` on success, ``fail(exc)`` on an
+    exception."""
+
+    def __new__(
+        cls, config: ConsumerConfig, collective: _Collective | SocketCollective, store: Store | None = None
+    ) -> OnlineRank: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def config(self) -> ConsumerConfig: ...
+    @property
+    def global_step(self) -> int: ...
+    @property
+    def status(self) -> Literal["running", "ended", "finished", "failed"]: ...
+    def distributor_stats(self) -> dict[str, int] | None: ...
+    def next_step(self) -> list[list[SampleRef]] | None:
+        """The next optimizer step's micro-batches, or ``None`` at the end (blocks without the
+        GIL; Ctrl-C interrupts and puts leased refs back)."""
+    def commit_step(self, ids: list[str] | None = None) -> int:
+        """The durable DP ack of the step, then the inbox ack; returns the new global step."""
+    def finish(self) -> dict[str, int]:
+        """Drain, agree, ``.consumer_done`` (rank 0): ``{"steps", "refs", "global_step"}``."""
+    def fail(self, reason: str | BaseException, *, peer_loss: bool | None = None) -> None:
+        """Abandon the group and publish ``.consumer_failed`` (not for a lost peer)."""
+    def __iter__(self) -> OnlineRank: ...
+    def __next__(self) -> list[list[SampleRef]]: ...
+    def __enter__(self) -> OnlineRank: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool: ...
+
+@final
+class Producer:
+    """The online producer for capture servers: claim, the consumer's quantum, publishing under
+    the flow-control watermarks (blocking without the GIL, interruptible), EOF or failure,
+    the consumer's end, cleanup. A context manager: ``finish()`` on success, ``fail(exc)`` on
+    an exception."""
+
+    def __new__(
+        cls,
+        channel: str | PathLike[str],
+        store: Store,
+        *,
+        high_watermark: int = 256,
+        low_watermark: int | None = None,
+        high_watermark_bytes: int | None = None,
+        low_watermark_bytes: int | None = None,
+        max_resident_bytes: int | None = None,
+        peer_timeout_s: float | None = None,
+        poll_s: float = 0.05,
+        claim: bool = True,
+    ) -> Producer: ...
+    def claim(self) -> None: ...
+    def wait_for_quantum(self, timeout: float | None = None) -> int: ...
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """``True`` once a publish may proceed, ``False`` if the consumer already finished."""
+    def publish(self, refs: SampleRef | Iterable[SampleRef], *, timeout: float | None = None) -> bool:
+        """Waits for room, disowns, publishes; ``False`` (refs aborted) if the consumer finished."""
+    def put_and_publish(
+        self,
+        sample_id: str,
+        tensors: Mapping[str, _ArrayLike],
+        metadata: dict[str, Any] | None = None,
+        *,
+        dtypes: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> SampleRef | None:
+        """Waits for room, ``Store.put``, publishes; ``None`` if the consumer finished."""
+    def close(self) -> None: ...
+    def wait_for_consumer(self, timeout: float | None = None) -> None: ...
+    def cleanup(self) -> None: ...
+    def finish(self, timeout: float | None = None) -> dict[str, Any]: ...
+    def fail(self, reason: str | BaseException) -> None: ...
+    @property
+    def channel(self) -> PathLike[str]: ...
+    @property
+    def published(self) -> int: ...
+    def consumed(self) -> int: ...
+    def in_flight(self) -> tuple[int, int]: ...
+    @property
+    def paused(self) -> bool: ...
+    @property
+    def quantum_known(self) -> int | None: ...
+    @property
+    def stopped_by_consumer(self) -> bool: ...
+    def report(self) -> dict[str, Any]: ...
+    def __enter__(self) -> Producer: ...
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool: ...

@@ -1,0 +1,533 @@
+//! `ferry.FeatureLoader`, its passes and batches, and the offline helpers (`offline_refs`,
+//! `read_manifest`, `write_manifest`): `ferry_loader::FeatureLoader` from Python.
+//!
+//! A `FeatureLoader` wraps one Rust loader over a fixed ref list (refs mode: offline data, DP
+//! sharding equal to torch's `DistributedSampler`, `seek`, epochs). Iterating it starts a pass
+//! (a `Batches` iterator); each `next` materializes one batch with the GIL released (inline, or
+//! on the loader's worker threads when `num_workers > 0`), then hands every collated tensor to
+//! numpy without a copy: each array's base is a ferry `_OwnedBuffer` over the batch buffer the
+//! loader filled (`arrays::to_numpy`), so the arrays own their memory and outlive the loader,
+//! the pass and the store.
+//!
+//! Queue mode (`RefSource::Queue`) is not exposed yet: it needs a Python `RefQueue`, which the
+//! control-plane objects bring.
+
+use crate::arrays::{self, Bf16Mode, TraceEntries};
+use crate::errors::{IntoPyResult, invalid};
+use crate::pyjson;
+use crate::records::PySampleRef;
+use crate::store::Store;
+use ferry_core::{JsonMap, SampleRef, TrainBatch};
+use ferry_loader::strategies::StrategyRegistry;
+use ferry_loader::{Batches, DpSharding, FeatureLoader, RefSource};
+use ferry_store::offline::OfflineRefOptions;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyIterator, PyList, PyTuple};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+/// `(name, address, nbytes)` of each tensor of the last batch handed to Python.
+static LAST_BATCH: Mutex<TraceEntries> = Mutex::new(Vec::new());
+
+/// Debugging aid for tests: `(name, address, nbytes)` of the batch buffers the last batch
+/// handed to numpy (its arrays' data pointers are these addresses when no copy was made).
+#[pyfunction]
+#[pyo3(name = "_debug_last_batch")]
+pub(crate) fn debug_last_batch() -> TraceEntries {
+    LAST_BATCH.lock().map(|t| t.clone()).unwrap_or_default()
+}
+
+/// Runs `f` on the value behind `m` (for `py.detach`, which must not return a guard); `None`
+/// if the lock is poisoned.
+fn with_lock<T, R>(m: &Mutex<T>, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+    m.lock().ok().map(|mut guard| f(&mut guard))
+}
+
+fn poisoned(py: Python<'_>, what: &str) -> PyErr {
+    invalid(py, format!("{what} lock poisoned"))
+}
+
+fn lock<'a, T>(py: Python<'_>, m: &'a Mutex<T>, what: &str) -> PyResult<MutexGuard<'a, T>> {
+    m.lock().map_err(|_| poisoned(py, what))
+}
+
+/// The refs of `refs`: an iterable of `SampleRef`.
+fn extract_refs(refs: &Bound<'_, PyAny>) -> PyResult<Vec<SampleRef>> {
+    let mut out = Vec::new();
+    for item in refs.try_iter()? {
+        let item = item?;
+        let r = item.cast::<PySampleRef>().map_err(|_| {
+            pyo3::exceptions::PyTypeError::new_err(format!(
+                "refs must be SampleRef objects, not {}",
+                arrays::describe(&item)
+            ))
+        })?;
+        out.push(r.get().inner.clone());
+    }
+    Ok(out)
+}
+
+/// A Python `Batch` from a collated batch: its tensors as numpy arrays over ferry's buffers
+/// (no copy). Also for other modules that hand `TrainBatch`es to Python.
+pub(crate) fn to_py_batch(py: Python<'_>, batch: TrainBatch, bf16: Bf16Mode) -> PyResult<Batch> {
+    let tensors = PyDict::new(py);
+    let mut dtypes = Vec::with_capacity(batch.tensors.len());
+    let mut trace = Vec::with_capacity(batch.tensors.len());
+    for (name, tensor) in batch.tensors {
+        let nbytes = tensor.bytes().len();
+        dtypes.push((name.clone(), tensor.dtype().name().to_owned()));
+        let (arr, addr) = arrays::to_numpy(py, tensor, bf16)?;
+        trace.push((name.clone(), addr, nbytes));
+        tensors.set_item(name, arr)?;
+    }
+    if let Ok(mut last) = LAST_BATCH.lock() {
+        *last = trace;
+    }
+    Ok(Batch {
+        sample_ids: batch.sample_ids.iter().map(|s| s.as_str().to_owned()).collect(),
+        strategy: batch.strategy,
+        tensors: tensors.unbind(),
+        metadata: batch.metadata,
+        dtypes,
+    })
+}
+
+/// The feature loader: refs and a store in, collated batches out (SpecForge's
+/// `FeatureDataLoader` in refs mode).
+///
+/// `FeatureLoader(store, refs, *, batch_size=1, drop_last=True, strategy="eagle3",
+/// num_workers=0, dp=None, rank=None, seed=0, shuffle=True, dp_drop_last=False, max_len=None)`
+///
+/// `refs` is a list of `SampleRef`s (a manifest's, or `ferry.offline_refs(dump)`), read from
+/// `store` (a `ferry.Store`; offline `file://` refs are read in place by any store in this
+/// process). Every `iter(loader)` is one pass over them in batches of `batch_size`, a short
+/// tail dropped when `drop_last`. `dp`/`rank` shard the refs across data-parallel ranks exactly
+/// as `torch.utils.data.DistributedSampler(num_replicas=dp, rank=rank, shuffle=shuffle,
+/// seed=seed, drop_last=dp_drop_last)` does, reshuffled per `set_epoch`. `num_workers > 0`
+/// materializes that many batches ahead on Rust threads. `max_len` cuts offline samples (default:
+/// each ref's `metadata.max_len`). `len(loader)` is the batches of one full pass.
+#[pyclass(frozen, module = "ferry", name = "FeatureLoader")]
+pub(crate) struct PyFeatureLoader {
+    inner: Mutex<FeatureLoader>,
+    bf16: Bf16Mode,
+    batch_size: usize,
+    drop_last: bool,
+    num_workers: usize,
+    sharding: Option<DpSharding>,
+}
+
+#[pymethods]
+impl PyFeatureLoader {
+    #[new]
+    #[pyo3(signature = (
+        store, refs, *, batch_size = 1, drop_last = true, strategy = "eagle3", num_workers = 0,
+        dp = None, rank = None, seed = 0, shuffle = true, dp_drop_last = false, max_len = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        store: &Bound<'_, Store>,
+        refs: &Bound<'_, PyAny>,
+        batch_size: usize,
+        drop_last: bool,
+        strategy: &str,
+        num_workers: usize,
+        dp: Option<usize>,
+        rank: Option<usize>,
+        seed: u64,
+        shuffle: bool,
+        dp_drop_last: bool,
+        max_len: Option<u64>,
+    ) -> PyResult<Self> {
+        let refs = extract_refs(refs)?;
+        let sharding = match (dp, rank) {
+            (None, None) => None,
+            (Some(dp), Some(rank)) => Some(DpSharding { dp, rank, seed, shuffle, drop_last: dp_drop_last }),
+            (Some(_), None) => return Err(invalid(py, "dp needs rank (this process's data-parallel rank)")),
+            (None, Some(_)) => return Err(invalid(py, "rank needs dp (the number of data-parallel ranks)")),
+        };
+        let store = store.get();
+        let api = store.api(py)?;
+        let mut builder = FeatureLoader::builder(api, RefSource::Fixed(refs))
+            .batch_size(batch_size)
+            .drop_last(drop_last)
+            .strategy(strategy)
+            .num_workers(num_workers);
+        if let Some(sharding) = sharding {
+            builder = builder.dp_sharding(sharding);
+        }
+        if let Some(max_len) = max_len {
+            builder = builder.max_len(max_len);
+        }
+        let loader = builder.build().py_err(py)?;
+        Ok(PyFeatureLoader {
+            inner: Mutex::new(loader),
+            bf16: store.bf16_mode(),
+            batch_size,
+            drop_last,
+            num_workers,
+            sharding,
+        })
+    }
+
+    /// Starts a pass (consuming a pending `seek`): a `Batches` iterator of `Batch`es.
+    fn __iter__(&self, py: Python<'_>) -> PyResult<PyBatches> {
+        let batches = py.detach(|| with_lock(&self.inner, FeatureLoader::iter));
+        let batches = batches.ok_or_else(|| poisoned(py, "loader"))?;
+        Ok(PyBatches { pass: Mutex::new(Some(batches)), bf16: self.bf16 })
+    }
+
+    /// Batches one full pass yields (this rank's share with `dp`).
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(lock(py, &self.inner, "loader")?.batches_per_pass())
+    }
+
+    /// Refs one full pass reads (this rank's share with `dp`, padding included).
+    #[getter]
+    fn refs_per_pass(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(lock(py, &self.inner, "loader")?.refs_per_pass())
+    }
+
+    /// Skips the first `batches` batches of the next pass only (resume mid-epoch); skipped refs
+    /// are never read. Skipping exactly a whole pass is allowed; more is an
+    /// `InvalidArgumentError`.
+    fn seek(&self, py: Python<'_>, batches: usize) -> PyResult<()> {
+        lock(py, &self.inner, "loader")?.seek(batches).py_err(py)
+    }
+
+    /// Sets the epoch: with `dp`, the next pass reads that epoch's shard (the permutation is
+    /// seeded with `seed + epoch`, as `DistributedSampler.set_epoch`); without, it is only kept.
+    fn set_epoch(&self, py: Python<'_>, epoch: u64) -> PyResult<()> {
+        lock(py, &self.inner, "loader")?.set_epoch(epoch);
+        Ok(())
+    }
+
+    /// The epoch (0 until `set_epoch`).
+    #[getter]
+    fn epoch(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(lock(py, &self.inner, "loader")?.epoch())
+    }
+
+    /// The strategy name (`eagle3`, `dflash`, `domino`).
+    #[getter]
+    fn strategy(&self, py: Python<'_>) -> PyResult<&'static str> {
+        Ok(lock(py, &self.inner, "loader")?.strategy().name)
+    }
+
+    /// Samples per batch.
+    #[getter]
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Whether a short final batch is dropped.
+    #[getter]
+    fn drop_last(&self) -> bool {
+        self.drop_last
+    }
+
+    /// Worker threads (also the prefetch window, in batches); 0 reads on the iterating thread.
+    #[getter]
+    fn num_workers(&self) -> usize {
+        self.num_workers
+    }
+
+    /// Data-parallel ranks, or `None` without sharding.
+    #[getter]
+    fn dp(&self) -> Option<usize> {
+        self.sharding.map(|s| s.dp)
+    }
+
+    /// This rank, or `None` without sharding.
+    #[getter]
+    fn rank(&self) -> Option<usize> {
+        self.sharding.map(|s| s.rank)
+    }
+
+    /// Materializes `refs` as one batch now, on this thread (GIL released), exactly as a pass
+    /// would, whatever the loader's own refs.
+    fn load_batch(&self, py: Python<'_>, refs: &Bound<'_, PyAny>) -> PyResult<Batch> {
+        let refs = extract_refs(refs)?;
+        let batch = py.detach(|| with_lock(&self.inner, |l| l.load_batch(&refs)));
+        let batch = batch.ok_or_else(|| poisoned(py, "loader"))?.py_err(py)?;
+        to_py_batch(py, batch, self.bf16)
+    }
+
+    /// Closes the loader. Refs mode holds nothing between passes, so this does nothing and
+    /// the loader stays usable (passes are closed by `Batches.close()` or when collected).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let closed = py.detach(|| with_lock(&self.inner, |l| l.close()));
+        closed.ok_or_else(|| poisoned(py, "loader"))?.py_err(py)
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let l = lock(py, &self.inner, "loader")?;
+        let dp = self.sharding.map_or_else(String::new, |s| format!(", dp={}, rank={}, seed={}", s.dp, s.rank, s.seed));
+        Ok(format!(
+            "FeatureLoader(strategy={:?}, refs_per_pass={}, batch_size={}, drop_last={}, num_workers={}{dp}, epoch={})",
+            l.strategy().name,
+            l.refs_per_pass(),
+            self.batch_size,
+            if self.drop_last { "True" } else { "False" },
+            self.num_workers,
+            l.epoch()
+        ))
+    }
+}
+
+/// One pass over a `FeatureLoader`: an iterator of `Batch`es, in order, ending at the first
+/// error (raised). `close()` stops its workers; collecting it does the same.
+#[pyclass(frozen, module = "ferry", name = "Batches")]
+pub(crate) struct PyBatches {
+    /// `None` once closed.
+    pass: Mutex<Option<Batches>>,
+    bf16: Bf16Mode,
+}
+
+#[pymethods]
+impl PyBatches {
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Batch>> {
+        let next = py.detach(|| with_lock(&self.pass, |p| p.as_mut().and_then(Iterator::next)));
+        match next.ok_or_else(|| poisoned(py, "pass"))? {
+            None => Ok(None),
+            Some(batch) => to_py_batch(py, batch.py_err(py)?, self.bf16).map(Some),
+        }
+    }
+
+    /// Batches this pass has still to yield (if none fails).
+    #[getter]
+    fn remaining(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(lock(py, &self.pass, "pass")?.as_ref().map_or(0, Batches::remaining))
+    }
+
+    fn __length_hint__(&self, py: Python<'_>) -> PyResult<usize> {
+        self.remaining(py)
+    }
+
+    /// Ends the pass now: stops its workers, waiting up to 5 s (`TimeoutError` if one is still
+    /// inside a store read; calling again later completes the close). Idempotent.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let closed = py.detach(|| {
+            with_lock(&self.pass, |p| match p.as_mut() {
+                Some(pass) => pass.close().map(|()| *p = None),
+                None => Ok(()),
+            })
+        });
+        closed.ok_or_else(|| poisoned(py, "pass"))?.py_err(py)
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let p = lock(py, &self.pass, "pass")?;
+        Ok(match p.as_ref() {
+            Some(pass) => format!("Batches(remaining={})", pass.remaining()),
+            None => "Batches(closed)".to_owned(),
+        })
+    }
+}
+
+impl Drop for PyBatches {
+    fn drop(&mut self) {
+        // Dropping a pass joins its workers (up to the join timeout): not while holding the GIL.
+        if let Some(pass) = self.pass.get_mut().ok().and_then(Option::take) {
+            Python::attach(|py| py.detach(move || drop(pass)));
+        }
+    }
+}
+
+/// One collated batch: `sample_ids`, `tensors` (name -> numpy array over ferry's batch buffer,
+/// no copy; the arrays own their memory), `metadata` (`target_repr`, `ttt_length`, ...),
+/// `strategy`. Also a read-only mapping of tensor name -> array, and `to_torch()`.
+#[pyclass(frozen, mapping, module = "ferry", name = "Batch")]
+pub(crate) struct Batch {
+    sample_ids: Vec<String>,
+    strategy: String,
+    tensors: Py<PyDict>,
+    metadata: JsonMap,
+    /// ferry dtype name of each tensor (bfloat16 arrays may be `uint16` bits).
+    dtypes: Vec<(String, String)>,
+}
+
+#[pymethods]
+impl Batch {
+    /// The samples, in row order.
+    #[getter]
+    fn sample_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, &self.sample_ids)
+    }
+
+    /// Rows in the batch.
+    #[getter]
+    fn batch_size(&self) -> usize {
+        self.sample_ids.len()
+    }
+
+    /// The strategy the batch was collated with.
+    #[getter]
+    fn strategy(&self) -> &str {
+        &self.strategy
+    }
+
+    /// A new dict of tensor name -> numpy array (the same arrays every time).
+    #[getter]
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.tensors.bind(py).copy()
+    }
+
+    /// The batch metadata as a new dict.
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        pyjson::to_py(py, &self.metadata)
+    }
+
+    /// ferry's dtype name of each tensor (`"bfloat16"` where the array holds bfloat16 bits).
+    #[getter]
+    fn dtypes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (name, dtype) in &self.dtypes {
+            d.set_item(name, dtype)?;
+        }
+        Ok(d)
+    }
+
+    /// The tensors as a dict of torch tensors over the same memory (bfloat16 as
+    /// `torch.bfloat16`). Needs torch.
+    fn to_torch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        static TO_TORCH: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        TO_TORCH.import(py, "ferry._arrays", "_to_torch_dict")?.call1((self.tensors.bind(py), self.dtypes(py)?))
+    }
+
+    fn __getitem__<'py>(&self, py: Python<'py>, name: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.tensors.bind(py).as_any().get_item(name)
+    }
+
+    fn __len__(&self, py: Python<'_>) -> usize {
+        self.tensors.bind(py).len()
+    }
+
+    fn __contains__(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.tensors.bind(py).contains(name)
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
+        self.tensors.bind(py).as_any().try_iter()
+    }
+
+    /// The tensor names.
+    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.tensors.bind(py).call_method0("keys")
+    }
+
+    /// The arrays.
+    fn values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.tensors.bind(py).call_method0("values")
+    }
+
+    /// `(name, array)` pairs.
+    fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.tensors.bind(py).call_method0("items")
+    }
+
+    /// The array of `name`, or `default`.
+    #[pyo3(signature = (name, default = None))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'py, PyAny>,
+        default: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match self.tensors.bind(py).get_item(name)? {
+            Some(v) => Ok(v),
+            None => Ok(default.unwrap_or_else(|| py.None().into_bound(py))),
+        }
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let shapes: Vec<String> = self
+            .tensors
+            .bind(py)
+            .iter()
+            .map(|(k, v)| {
+                let shape = v.getattr("shape").and_then(|s| s.repr()).map_or_else(|_| "?".into(), |s| s.to_string());
+                format!("{k}: {shape}")
+            })
+            .collect();
+        format!(
+            "Batch(strategy={:?}, sample_ids={:?}, tensors={{{}}})",
+            self.strategy,
+            self.sample_ids,
+            shapes.join(", ")
+        )
+    }
+}
+
+/// One lazy `file://` ref per feature file (`.ckpt`, `.ckpt.gz`, `.safetensors`) under `path`
+/// (a file or a directory, searched recursively, in SpecForge's lexicographic order), as
+/// SpecForge's `OfflineManifestReader` builds them: sample ids `<run_id>:<index:08>`, the
+/// strategy's raw keys (EAGLE3: `input_ids`, `loss_mask`, `hidden_state`, `aux_hidden_state`),
+/// `metadata.max_len` and `ttt_length`. `validate=True` opens every file once to fill specs,
+/// `num_tokens` and `estimated_bytes` (and fails on a missing key); lazy refs open nothing.
+#[pyfunction]
+#[pyo3(signature = (path, *, run_id = "offline", strategy = "eagle3", validate = false, max_len = 2048, ttt_length = 7))]
+pub(crate) fn offline_refs(
+    py: Python<'_>,
+    path: PathBuf,
+    run_id: &str,
+    strategy: &str,
+    validate: bool,
+    max_len: i64,
+    ttt_length: i64,
+) -> PyResult<Vec<PySampleRef>> {
+    let registry = StrategyRegistry::builtin();
+    let keys = registry.get(strategy).py_err(py)?.offline_raw_keys;
+    let options = OfflineRefOptions {
+        run_id: run_id.to_owned(),
+        strategy: strategy.to_owned(),
+        feature_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        ttt_length,
+        max_len,
+        ..OfflineRefOptions::default()
+    };
+    let refs = py.detach(|| ferry_store::offline::offline_refs(&path, &options, validate)).py_err(py)?;
+    Ok(refs.into_iter().map(|inner| PySampleRef { inner }).collect())
+}
+
+/// The refs of an offline ref manifest (SpecForge's `read_ref_manifest`; a newer
+/// `schema_version` is a `CorruptError`).
+#[pyfunction]
+pub(crate) fn read_manifest(py: Python<'_>, path: PathBuf) -> PyResult<Vec<PySampleRef>> {
+    let refs = py.detach(|| ferry_control::manifest::read_ref_manifest(&path)).py_err(py)?;
+    Ok(refs.into_iter().map(|inner| PySampleRef { inner }).collect())
+}
+
+/// Writes an offline ref manifest, SpecForge's bytes (`{"schema_version": 1, "refs": [...]}`),
+/// atomically (`<path>.tmp`, then a rename), creating the parent directory.
+#[pyfunction]
+pub(crate) fn write_manifest(py: Python<'_>, refs: &Bound<'_, PyAny>, path: PathBuf) -> PyResult<()> {
+    let refs = extract_refs(refs)?;
+    py.detach(|| ferry_control::manifest::write_ref_manifest(&refs, &path)).py_err(py)
+}
