@@ -18,7 +18,8 @@
 //! * [`online`] — the online consumer's assembly: rank 0's setup and resume checks, each rank's
 //!   stream of optimizer steps ending in the durable acknowledgement.
 //! * [`producer`] — the online producer: claim, quantum handshake, capture workers under
-//!   backpressure, transactional publishing, failure sentinels, the always-run cleanup.
+//!   backpressure, transactional publishing, failure sentinels, the always-run cleanup; its
+//!   protocol as a reusable, interruptible [`producer::ProducerSession`].
 //! * [`queue`] — [`queue::RefQueue`], the consume-once queue protocol the loader reads.
 //! * [`record`] — [`record::RefRecord`], a ref as its channel record (id + text), for the
 //!   distributor's path.

@@ -4,6 +4,12 @@
 //! dispatch quantum; every rank reads its inbox as a [`StreamingRefQueue`] and ends each
 //! optimizer step with the data-parallel durable acknowledgement, then its inbox ack.
 //!
+//! [`run_rank`] / [`run_rank_with`] run a rank's whole loop. A trainer that drives its own loop
+//! (`ferry.OnlineRank` in Python) uses the same pieces: [`RankStream`] for the steps
+//! ([`RankStream::next_step_until`] when the wait must be interruptible, returning the refs
+//! already leased so they can be put back), then [`finish_rank`] or [`fail_rank`], the success
+//! and failure lifecycles `run_rank_with` ends with.
+//!
 //! Recovery (§14.4): a crash before the ack transaction replays the step's samples; a crash
 //! after it skips them and deletes their features; the ledger's step must equal the
 //! checkpoint's, and a resume may use a different DP size (the ref plane repartitions).
@@ -15,6 +21,7 @@ use crate::distributor::{DistributorOptions, RefDistributor, file_inboxes};
 use crate::dp_ack::DpAckController;
 use crate::ledger::{InMemoryLedger, Ledger, SqliteLedger};
 use crate::queue::RefQueue;
+use crate::signal::StopSignal;
 use crate::stream_queue::{StreamQueueOptions, StreamingRefQueue};
 use ferry_core::{Error, Result, SampleId, SampleRef};
 use ferry_store::{DrainPolicy, FeatureStoreApi};
@@ -188,6 +195,17 @@ fn check_resume_step(rec: &Reconciliation, checkpoint_step: i64, ledger: &std::p
     }
 }
 
+/// What [`RankStream::next_step_until`] read.
+#[derive(Debug)]
+pub enum StepRead {
+    /// The micro-batches of the next optimizer step.
+    Step(Vec<Vec<SampleRef>>),
+    /// The stream ended (between steps).
+    End,
+    /// The stop signal was set: the refs of the step leased so far (to put back or settle).
+    Interrupted(Vec<SampleRef>),
+}
+
 /// One rank's trainer-side stream: optimizer steps of refs from its inbox, each ended by the
 /// durable acknowledgement.
 #[derive(Debug)]
@@ -266,11 +284,34 @@ impl RankStream {
     /// The micro-batches of the next optimizer step, or `None` at the end of the stream. A
     /// stream that ends inside a step is an error: no partial optimizer step is ever acked.
     pub fn next_step(&self) -> Result<Option<Vec<Vec<SampleRef>>>> {
-        let mut micro = Vec::with_capacity(self.accumulation);
+        match self.read_step(None)? {
+            StepRead::Step(micro) => Ok(Some(micro)),
+            StepRead::End => Ok(None),
+            StepRead::Interrupted(_) => unreachable!("no stop signal to interrupt the read"),
+        }
+    }
+
+    /// [`RankStream::next_step`], interruptible: each micro-batch is read with
+    /// [`RefQueue::get_interruptible`], so a set `stop` ends the wait at once with
+    /// [`StepRead::Interrupted`] and the refs of the step already leased, which the caller puts
+    /// back (`queue().fail(refs, reason, true)`) or settles.
+    pub fn next_step_until(&self, stop: &StopSignal) -> Result<StepRead> {
+        self.read_step(Some(stop))
+    }
+
+    fn read_step(&self, stop: Option<&StopSignal>) -> Result<StepRead> {
+        let mut micro: Vec<Vec<SampleRef>> = Vec::with_capacity(self.accumulation);
         for i in 0..self.accumulation {
-            let batch = self.queue.get(self.batch_size, None)?;
+            let batch = match stop {
+                Some(stop) => self.queue.get_interruptible(self.batch_size, stop)?,
+                None => self.queue.get(self.batch_size, None)?,
+            };
+            if stop.is_some_and(StopSignal::is_set) {
+                micro.push(batch);
+                return Ok(StepRead::Interrupted(micro.into_iter().flatten().collect()));
+            }
             if batch.is_empty() && i == 0 {
-                return Ok(None);
+                return Ok(StepRead::End);
             }
             if batch.len() < self.batch_size {
                 let got = i * self.batch_size + batch.len();
@@ -285,7 +326,7 @@ impl RankStream {
             }
             micro.push(batch);
         }
-        Ok(Some(micro))
+        Ok(StepRead::Step(micro))
     }
 
     /// Ends a step trained on `ids`: the durable DP acknowledgement at the next global step,
@@ -388,7 +429,6 @@ pub fn run_rank_with(
     mut train: impl FnMut(&[Vec<SampleRef>]) -> Result<()>,
     mut on_durable: impl FnMut(i64) -> Result<()>,
 ) -> Result<RankReport> {
-    let rank = collective.rank();
     let result = (|| -> Result<RankReport> {
         let mut stream =
             RankStream::new(config, Arc::clone(&collective), rank0.map(|r| Arc::clone(&r.controller)), store.clone())?;
@@ -406,55 +446,83 @@ pub fn run_rank_with(
     })();
     match result {
         Ok(report) => {
-            // Success: every rank drains its store; any failure fails every rank.
-            let drained = store.as_ref().map(|s| s.drain(DrainPolicy::default())).transpose();
-            let failure = drained.err().map(|e| format!("rank {rank}: {e}"));
-            let part = serde_json::to_vec(&failure).map_err(|e| Error::InvalidArgument(format!("encoding: {e}")))?;
-            let mut failures = Vec::new();
-            for (r, p) in collective.all_gather(part)?.iter().enumerate() {
-                let f: Option<String> = serde_json::from_slice(p).map_err(|e| Error::Corrupt {
-                    what: format!("rank {r}'s drain outcome"),
-                    message: e.to_string(),
-                })?;
-                failures.extend(f);
-            }
-            if !failures.is_empty() {
-                let error = Error::Collective {
-                    message: format!("online consumer finished but a store drain failed: {}", failures.join("; ")),
-                };
-                if rank == 0 {
-                    publish_consumer_failure(config, &error);
-                }
-                return Err(error);
-            }
-            if let Some(rank0) = rank0 {
-                // The ranks' last acknowledgements reach the producer's counter before `done`.
-                rank0.distributor.pump()?;
-                FileRefChannel::open(&config.channel).mark_consumer_done()?;
-            }
+            finish_rank(config, collective.as_ref(), rank0, store.as_deref())?;
             Ok(report)
         }
         Err(primary) => {
-            // This rank will not reach another boundary: its peers must not wait for it.
-            collective.abandon();
-            if primary.is_peer_loss() {
-                // A peer's process is gone: the consumer crashed, as a whole, and resumes as a
-                // whole (`--resume`). A terminal `.consumer_failed` would make the producer
-                // stop and free every sample the resumed attempt needs.
-                tracing::warn!(rank, error = %primary, "a peer rank is gone; this attempt can be resumed");
-                return Err(primary);
-            }
-            // Failure: publish it (any rank may), with a failed drain's error beside it; the
-            // caller gets the primary error.
-            let mut text = primary.python_reason();
-            if let Some(e) = store.as_ref().and_then(|s| s.drain(DrainPolicy::default()).err()) {
-                tracing::error!(rank, error = %e, "store drain failed after a consumer failure");
-                text.push_str(&format!("; store drain also failed: {}", e.python_reason()));
-            }
-            publish_consumer_failure_text(config, &text);
+            fail_rank(config, collective.as_ref(), store.as_deref(), &primary.python_reason(), primary.is_peer_loss());
             Err(primary)
         }
     }
+}
+
+/// [`run_rank_with`]'s success lifecycle, once a rank's stream ended (or to stop early): every
+/// rank drains its store and the ranks agree on the outcome (any failure fails every rank, and
+/// rank 0 publishes `.consumer_failed`); rank 0 forwards the last acknowledgements to the
+/// producer's counter and publishes `.consumer_done`. Call it on every rank, in lockstep;
+/// `rank0` is rank 0's state (`None` elsewhere). Stopping rank 0's distributor is the caller's.
+pub fn finish_rank(
+    config: &ConsumerConfig,
+    collective: &dyn Collective,
+    rank0: Option<&Rank0>,
+    store: Option<&dyn FeatureStoreApi>,
+) -> Result<()> {
+    let rank = collective.rank();
+    // Success: every rank drains its store; any failure fails every rank.
+    let drained = store.map(|s| s.drain(DrainPolicy::default())).transpose();
+    let failure = drained.err().map(|e| format!("rank {rank}: {e}"));
+    let part = serde_json::to_vec(&failure).map_err(|e| Error::InvalidArgument(format!("encoding: {e}")))?;
+    let mut failures = Vec::new();
+    for (r, p) in collective.all_gather(part)?.iter().enumerate() {
+        let f: Option<String> = serde_json::from_slice(p)
+            .map_err(|e| Error::Corrupt { what: format!("rank {r}'s drain outcome"), message: e.to_string() })?;
+        failures.extend(f);
+    }
+    if !failures.is_empty() {
+        let error = Error::Collective {
+            message: format!("online consumer finished but a store drain failed: {}", failures.join("; ")),
+        };
+        if rank == 0 {
+            publish_consumer_failure(config, &error);
+        }
+        return Err(error);
+    }
+    if let Some(rank0) = rank0 {
+        // The ranks' last acknowledgements reach the producer's counter before `done`.
+        rank0.distributor.pump()?;
+        FileRefChannel::open(&config.channel).mark_consumer_done()?;
+    }
+    Ok(())
+}
+
+/// [`run_rank_with`]'s failure lifecycle: this rank leaves the group (its peers fail at once
+/// instead of waiting for it at a boundary); unless a peer's process is gone (`peer_loss`, see
+/// [`Error::is_peer_loss`]: the consumer crashed as a whole and `--resume` recovers it, so
+/// nothing terminal is published), `.consumer_failed` is published with `reason`
+/// (`"<Type>: <message>"`) and a failed drain's error beside it; the first published failure
+/// wins. Stopping rank 0's distributor is the caller's.
+pub fn fail_rank(
+    config: &ConsumerConfig,
+    collective: &dyn Collective,
+    store: Option<&dyn FeatureStoreApi>,
+    reason: &str,
+    peer_loss: bool,
+) {
+    let rank = collective.rank();
+    // This rank will not reach another boundary: its peers must not wait for it.
+    collective.abandon();
+    if peer_loss {
+        // A terminal `.consumer_failed` would make the producer stop and free every sample the
+        // resumed attempt needs.
+        tracing::warn!(rank, reason, "a peer rank is gone; this attempt can be resumed");
+        return;
+    }
+    let mut text = reason.to_owned();
+    if let Some(e) = store.and_then(|s| s.drain(DrainPolicy::default()).err()) {
+        tracing::error!(rank, error = %e, "store drain failed after a consumer failure");
+        text.push_str(&format!("; store drain also failed: {}", e.python_reason()));
+    }
+    publish_consumer_failure_text(config, &text);
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The online consumer's lifecycle hooks (SpecForge §14.3): rank 0's setup failure reaching
 //! every rank identically, success draining every rank's store once before `.consumer_done`,
 //! a failure published as `.consumer_failed` (with a failed drain beside it, never instead of
-//! it), and the idle timeout reaching the distributor and the queues.
+//! it), the idle timeout reaching the distributor and the queues, and an interrupted step read
+//! (`RankStream::next_step_until`) handing back the refs it leased.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -209,4 +210,43 @@ fn a_finished_attempt_is_never_resumed_and_the_first_failure_stays_published() {
         .unwrap();
     let _ = run_ranks(&config(dir.path(), 1, None), std::slice::from_ref(&store), failing_train);
     assert_eq!(sidecar(dir.path(), ".consumer_failed").as_deref(), Some("RuntimeError: root cause"));
+}
+
+#[test]
+fn an_interrupted_step_read_hands_back_the_refs_it_leased_and_the_step_reads_again() {
+    use ferry_control::online::{RankStream, StepRead};
+    use ferry_control::queue::RefQueue;
+    use ferry_control::signal::StopSignal;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("control")).unwrap();
+    let config = ConsumerConfig { accumulation: 2, ..config(dir.path(), 1, None) };
+    let store = RecordingStore::new(false);
+    let rank0 = agree_on_rank0_setup(&config, &SingleRank, None).unwrap().unwrap();
+    let stream = RankStream::new(&config, Arc::new(SingleRank), Some(Arc::clone(&rank0.controller)), None).unwrap();
+    let inbox = FileRefChannel::inbox(&config.inbox_dir, 0);
+    for i in 0..3 {
+        inbox.publish(&store.sample(&format!("step:{i}"))).unwrap();
+    }
+    // Three of the step's four refs: the first micro-batch is leased, the second waits until
+    // the stop signal ends the read.
+    let stop = StopSignal::new();
+    let leased = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(30));
+            stop.set();
+        });
+        match stream.next_step_until(&stop).unwrap() {
+            StepRead::Interrupted(refs) => refs,
+            other => panic!("expected an interrupted read, got {other:?}"),
+        }
+    });
+    assert_eq!(leased.len(), 2, "the first micro-batch");
+    stream.queue().fail(&leased, "interrupted", true).unwrap();
+    inbox.publish(&store.sample("step:3")).unwrap();
+    let StepRead::Step(micro) = stream.next_step_until(&StopSignal::new()).unwrap() else {
+        panic!("expected a whole step");
+    };
+    let ids: Vec<&str> = micro.iter().flatten().map(|r| r.sample_id.as_str()).collect();
+    assert_eq!(ids, ["step:0", "step:1", "step:2", "step:3"], "the refs put back come first, in order");
+    inbox.close().unwrap();
 }

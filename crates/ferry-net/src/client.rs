@@ -4,7 +4,10 @@
 //! liveness index.
 //!
 //! Copies: `put` sends each tensor from the caller's buffer with vectored writes (no gathering);
-//! `get_into` reads the payload straight from the socket into the caller's buffers.
+//! `get_into` reads the payload straight from the socket into the caller's buffers; `get` reads
+//! it into buffers from the client's output pool ([`Client::output_pool`], a
+//! [`BufferPool`] as the lifecycle core's `get` uses): a buffer dropped by its last owner goes
+//! back to the pool, so a warm process reuses pages instead of faulting fresh memory per read.
 //!
 //! A call is one round trip under the connection's lock, so a `Client` may be shared between
 //! threads (their calls take turns). Batches of small calls ([`Client::get_into_many`],
@@ -30,7 +33,7 @@ use crate::auth;
 use crate::frame::{FrameHead, Header, Limits, Op, flags, read_head, write_head};
 use crate::wire::{self, GetReply, Hello, Placement, RefReply, Route, WireTensor};
 use ferry_core::{
-    AlignedBuf, Error, FeatureHandle, FeatureSpec, Generation, JsonMap, Result, SampleId, SampleRef, StoreId,
+    BufferPool, Error, FeatureHandle, FeatureSpec, Generation, JsonMap, Result, SampleId, SampleRef, StoreId,
     TensorBuf, TensorView,
 };
 use ferry_shm::ArenaMap;
@@ -41,6 +44,9 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Idle bytes a client's output pool keeps for reuse (as a store's own output pool keeps).
+pub const OUTPUT_POOL_BYTES: u64 = 1 << 30;
 
 /// Sample-id bytes per `Disown` request.
 const DISOWN_CHUNK_BYTES: usize = 16 << 10;
@@ -164,6 +170,8 @@ pub struct Client {
     stream_route: Route,
     /// Whether this session owns its puts ([`Client::connect_owning`]).
     owns_puts: bool,
+    /// Where `get` takes its output buffers from.
+    output_pool: BufferPool,
 }
 
 impl std::fmt::Debug for Client {
@@ -307,7 +315,23 @@ impl Client {
             arena,
             stream_route,
             owns_puts: owned_puts,
+            output_pool: BufferPool::new(OUTPUT_POOL_BYTES),
         })
+    }
+
+    /// This client with `get` taking its output buffers from `pool` (for example one pool
+    /// shared by several clients) instead of its own, which keeps up to
+    /// [`OUTPUT_POOL_BYTES`] idle.
+    #[must_use]
+    pub fn with_output_pool(mut self, pool: BufferPool) -> Client {
+        self.output_pool = pool;
+        self
+    }
+
+    /// The pool `get` takes its output buffers from (its counters say how many reads reused
+    /// warm memory).
+    pub fn output_pool(&self) -> &BufferPool {
+        &self.output_pool
     }
 
     /// Whether this session owns its puts ([`Client::connect_owning`]).
@@ -622,8 +646,9 @@ impl Client {
         Ok(reply.handle)
     }
 
-    /// Reads a sample's features (all of the ref's, or `names`) into fresh aligned buffers and
-    /// takes a read lease.
+    /// Reads a sample's features (all of the ref's, or `names`) into aligned buffers from the
+    /// client's output pool ([`Client::output_pool`]; recycled when their last owner drops
+    /// them) and takes a read lease.
     pub fn get(&self, r: &SampleRef, names: Option<&[&str]>) -> Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
         let shm = self.arena.is_some();
         let names = names.map(|n| n.iter().map(|s| (*s).to_owned()).collect());
@@ -634,7 +659,12 @@ impl Client {
             for (i, t) in reply.tensors.iter().enumerate() {
                 let need = t.nbytes()?;
                 let len = usize::try_from(need).map_err(|_| Error::InvalidArgument("tensor too large".into()))?;
-                let mut buf = AlignedBuf::zeroed(len);
+                let mut buf = self.output_pool.try_take(len).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "cannot allocate {len} bytes for feature {:?} of sample {} (shape {:?}): memory is exhausted",
+                        t.name, r.sample_id, t.shape
+                    ))
+                })?;
                 match (&reply.placements, &self.arena) {
                     (Some(places), Some(arena)) => {
                         let place = places.get(i).copied().unwrap_or(Placement { offset: 0, len: 0 });

@@ -268,6 +268,35 @@ fn get_returns_owned_tensors_and_describe_the_specs() {
 }
 
 #[test]
+fn get_recycles_its_output_buffers_through_the_clients_pool() {
+    let daemon = Daemon::with(StoreOptions { retain_on_release: true, ..StoreOptions::default() });
+    for uri in [daemon.unix(), daemon.tcp()] {
+        let client = Client::connect(&uri).unwrap();
+        let r = put(&client, &format!("pooled-{}", uri.len()), 5);
+        let (first, handle) = client.get(&r, None).unwrap();
+        client.release(&handle).unwrap();
+        let hidden_at = first["hidden"].bytes().as_ptr();
+        assert_eq!(client.output_pool().stats().hits, 0, "a cold pool allocates");
+        drop(first);
+        assert_eq!(client.output_pool().stats().pooled_buffers, 2, "dropped outputs go back to the pool");
+        // Warm: the same pages, fully overwritten with the sample's bytes.
+        let (second, handle) = client.get(&r, None).unwrap();
+        assert_eq!(client.output_pool().stats().hits, 2);
+        assert_eq!(second["hidden"].bytes(), sample(5).0.as_slice());
+        assert_eq!(second["input_ids"].bytes(), ids_bytes(&sample(5).1).as_slice());
+        let reused = [second["hidden"].bytes().as_ptr(), second["input_ids"].bytes().as_ptr()];
+        assert!(reused.contains(&hidden_at), "a warm get reuses a pooled buffer");
+        client.release(&handle).unwrap();
+        // A pool shared by clients.
+        let shared = ferry_core::BufferPool::new(1 << 20);
+        let other = Client::connect(&uri).unwrap().with_output_pool(shared.clone());
+        drop(other.get(&r, None).unwrap());
+        assert_eq!(shared.stats().pooled_buffers, 2);
+        client.abort(&r.sample_id).unwrap();
+    }
+}
+
+#[test]
 fn an_abort_by_one_client_refuses_every_other_clients_reads() {
     // SpecForge's known gap: its liveness index is per process, so an abort elsewhere cannot stop
     // a read. Here the daemon holds the only index.

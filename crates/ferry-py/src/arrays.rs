@@ -14,7 +14,8 @@
 //!   that buffer), so they stay valid however long the array lives, lease or no lease.
 //! * **get_into** writes straight into the caller's writable C-contiguous arrays.
 //!
-//! `unsafe` in this crate lives here only: turning an array's data pointer into a slice.
+//! `unsafe` in this module: turning an array's data pointer into a slice (DLPack export's own
+//! is in `dlpack`).
 
 use crate::errors::invalid;
 use ferry_core::{AlignedBuf, DType, FeatureSpec, TensorBuf};
@@ -391,7 +392,7 @@ pub(crate) fn check_disjoint(py: Python<'_>, outs: &[(String, OutArray<'_>)]) ->
 
 /// A ferry buffer that numpy wraps without a copy (through `__array_interface__`); the array
 /// keeps it as its `base`, so the memory lives exactly as long as the last array over it.
-#[pyclass(frozen, module = "ferry", name = "_OwnedBuffer")]
+#[pyclass(frozen, weakref, module = "ferry", name = "_OwnedBuffer")]
 pub(crate) struct OwnedBuffer {
     /// The memory. Never read or written from Rust after construction: only numpy touches
     /// the bytes, through `addr`. Dropping it returns the memory to the store's buffer pool.
@@ -426,6 +427,15 @@ impl OwnedBuffer {
     #[getter]
     fn nbytes(&self) -> usize {
         self.nbytes
+    }
+}
+
+impl OwnedBuffer {
+    /// For DLPack export (`crate::dlpack`, which reads the bytes only for `copy=True`, GIL
+    /// held): address, size, shape and ferry dtype (`None` never happens: every buffer is made
+    /// with `typestr(dtype)`).
+    pub(crate) fn parts(&self) -> (usize, usize, &[u64], Option<DType>) {
+        (self.addr, self.nbytes, &self.shape, DType::ALL.into_iter().find(|d| typestr(*d) == self.typestr))
     }
 }
 

@@ -20,7 +20,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{RecvTimeoutError, channel};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How often a blocking wait checks for signals (Ctrl-C).
 pub(crate) const SIGNAL_CHECK: Duration = Duration::from_millis(100);
@@ -64,40 +64,6 @@ pub(crate) fn interruptible<T: Send>(
         })
     });
     outcome.unwrap_or_else(|| unreachable!("std::thread::scope propagates the helper's panic"))
-}
-
-/// Polls `check` (with the GIL released) every `poll` until it answers `Some`, checking for
-/// signals between polls. `timeout` bounds the wait: past it, `on_timeout` is the error.
-pub(crate) fn poll_until<T: Send>(
-    py: Python<'_>,
-    poll: Duration,
-    timeout: Option<Duration>,
-    mut check: impl FnMut() -> Result<Option<T>> + Send,
-    on_timeout: impl Fn(Duration) -> Error + Sync,
-) -> PyResult<T> {
-    let started = Instant::now();
-    let mut last_signal_check = Instant::now();
-    loop {
-        let step = py.detach(|| -> Result<Option<T>> {
-            if let Some(found) = check()? {
-                return Ok(Some(found));
-            }
-            if let Some(limit) = timeout
-                && started.elapsed() >= limit
-            {
-                return Err(on_timeout(limit));
-            }
-            std::thread::sleep(poll.min(SIGNAL_CHECK));
-            Ok(None)
-        });
-        if let Some(found) = step.py_err(py)? {
-            return Ok(found);
-        }
-        if last_signal_check.elapsed() >= SIGNAL_CHECK || poll >= SIGNAL_CHECK {
-            py.check_signals()?;
-            last_signal_check = Instant::now();
-        }
-    }
 }
 
 /// A duration from seconds given in Python.

@@ -13,22 +13,22 @@
 //! # Layout
 //! * `records` — `SampleRef`, `FeatureSpec`, `FeatureHandle`.
 //! * `store` — `open_store`, `Store`, `Lease`; the GIL is released around every store call.
-//! * `arrays` — numpy in and out without copies (the only `unsafe` of the crate).
+//! * `arrays` — numpy in and out without copies (`unsafe`: array pointers as slices).
+//! * `dlpack` — DLPack export of ferry's buffers (`unsafe`: the capsule protocol's structs).
 //! * `backend` — `open_store_with_backend`: a Python object (Mooncake's client API) as a byte backend.
 //! * `daemon` — `start_daemon`, `Daemon`.
 //! * `loader` — `FeatureLoader`, `Batches`, `Batch`; `offline_refs`, `read_manifest`, `write_manifest`.
 //! * `errors` — ferry's `Error` as the Python exception tree of `ferry/_errors.py`.
-//! * `pooled_get` — `Store.get` from a daemon into warm pooled buffers.
 //! * `pyjson` — JSON values through Python's `json` module.
 
 mod arrays;
 mod backend;
 mod control;
 mod daemon;
+mod dlpack;
 mod errors;
 mod loader;
 mod online;
-mod pooled_get;
 mod producer;
 mod pyjson;
 mod records;
@@ -47,6 +47,9 @@ fn ferry_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::Lease>()?;
     m.add_class::<daemon::Daemon>()?;
     m.add_class::<arrays::OwnedBuffer>()?;
+    m.add_class::<dlpack::DLPackTensor>()?;
+    m.add_function(wrap_pyfunction!(dlpack::dlpack_exporter, m)?)?;
+    m.add_function(wrap_pyfunction!(dlpack::debug_dlpack, m)?)?;
     m.add_function(wrap_pyfunction!(store::open_store, m)?)?;
     m.add_function(wrap_pyfunction!(backend::open_store_with_backend, m)?)?;
     m.add_function(wrap_pyfunction!(daemon::start_daemon, m)?)?;

@@ -16,14 +16,14 @@ use crate::arrays::{self, Bf16Mode, TraceEntries};
 use crate::errors::{IntoPyResult, invalid};
 use crate::pyjson;
 use crate::records::PySampleRef;
-use crate::store::Store;
+use crate::store::{Store, TensorMapping, tensors_to_numpy};
 use ferry_core::{JsonMap, SampleRef, TrainBatch};
 use ferry_loader::strategies::StrategyRegistry;
 use ferry_loader::{Batches, DpSharding, FeatureLoader, RefSource};
 use ferry_store::offline::OfflineRefOptions;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyIterator, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
@@ -38,10 +38,16 @@ pub(crate) fn debug_last_batch() -> TraceEntries {
     LAST_BATCH.lock().map(|t| t.clone()).unwrap_or_default()
 }
 
-/// Runs `f` on the value behind `m` (for `py.detach`, which must not return a guard); `None`
-/// if the lock is poisoned.
-fn with_lock<T, R>(m: &Mutex<T>, f: impl FnOnce(&mut T) -> R) -> Option<R> {
-    m.lock().ok().map(|mut guard| f(&mut guard))
+/// Runs `f` on the value behind `m` (`what`, for the message) with the GIL released (the lock
+/// is taken there too: `py.detach` must not return a guard); a poisoned lock raises.
+fn detached<T: Send, R: Send>(
+    py: Python<'_>,
+    m: &Mutex<T>,
+    what: &str,
+    f: impl FnOnce(&mut T) -> R + Send,
+) -> PyResult<R> {
+    let done = py.detach(|| m.lock().ok().map(|mut guard| f(&mut guard)));
+    done.ok_or_else(|| poisoned(py, what))
 }
 
 fn poisoned(py: Python<'_>, what: &str) -> PyErr {
@@ -70,27 +76,38 @@ fn extract_refs(refs: &Bound<'_, PyAny>) -> PyResult<Vec<SampleRef>> {
 
 /// A Python `Batch` from a collated batch: its tensors as numpy arrays over ferry's buffers
 /// (no copy). Also for other modules that hand `TrainBatch`es to Python.
-pub(crate) fn to_py_batch(py: Python<'_>, batch: TrainBatch, bf16: Bf16Mode) -> PyResult<Batch> {
-    let tensors = PyDict::new(py);
-    let mut dtypes = Vec::with_capacity(batch.tensors.len());
-    let mut trace = Vec::with_capacity(batch.tensors.len());
-    for (name, tensor) in batch.tensors {
-        let nbytes = tensor.bytes().len();
-        dtypes.push((name.clone(), tensor.dtype().name().to_owned()));
-        let (arr, addr) = arrays::to_numpy(py, tensor, bf16)?;
-        trace.push((name.clone(), addr, nbytes));
-        tensors.set_item(name, arr)?;
-    }
+pub(crate) fn to_py_batch(py: Python<'_>, batch: TrainBatch, bf16: Bf16Mode) -> PyResult<Py<Batch>> {
+    let dtypes = batch.tensors.iter().map(|(name, t)| (name.clone(), t.dtype().name().to_owned())).collect();
+    let (tensors, trace) = tensors_to_numpy(py, batch.tensors, bf16)?;
     if let Ok(mut last) = LAST_BATCH.lock() {
         *last = trace;
     }
-    Ok(Batch {
+    let batch = Batch {
         sample_ids: batch.sample_ids.iter().map(|s| s.as_str().to_owned()).collect(),
         strategy: batch.strategy,
-        tensors: tensors.unbind(),
         metadata: batch.metadata,
         dtypes,
-    })
+    };
+    Py::new(py, PyClassInitializer::from(TensorMapping::over(tensors)).add_subclass(batch))
+}
+
+/// A context manager whose exit calls the object's `close()`: the base class (Python's
+/// `ferry._Closing`) of the loader's classes that hold something to close.
+#[pyclass(subclass, frozen, module = "ferry", name = "_Closing")]
+pub(crate) struct Closing;
+
+#[pymethods]
+impl Closing {
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    /// Calls `close()`; an exception leaving the block is never suppressed.
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(slf: &Bound<'_, Self>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        slf.call_method0("close")?;
+        Ok(false)
+    }
 }
 
 /// The feature loader: refs and a store in, collated batches out (SpecForge's
@@ -107,7 +124,7 @@ pub(crate) fn to_py_batch(py: Python<'_>, batch: TrainBatch, bf16: Bf16Mode) -> 
 /// seed=seed, drop_last=dp_drop_last)` does, reshuffled per `set_epoch`. `num_workers > 0`
 /// materializes that many batches ahead on Rust threads. `max_len` cuts offline samples (default:
 /// each ref's `metadata.max_len`). `len(loader)` is the batches of one full pass.
-#[pyclass(frozen, module = "ferry", name = "FeatureLoader")]
+#[pyclass(extends = Closing, frozen, module = "ferry", name = "FeatureLoader")]
 pub(crate) struct PyFeatureLoader {
     inner: Mutex<FeatureLoader>,
     bf16: Bf16Mode,
@@ -139,7 +156,7 @@ impl PyFeatureLoader {
         shuffle: bool,
         dp_drop_last: bool,
         max_len: Option<u64>,
-    ) -> PyResult<Self> {
+    ) -> PyResult<PyClassInitializer<Self>> {
         let refs = extract_refs(refs)?;
         let sharding = match (dp, rank) {
             (None, None) => None,
@@ -161,21 +178,22 @@ impl PyFeatureLoader {
             builder = builder.max_len(max_len);
         }
         let loader = builder.build().py_err(py)?;
-        Ok(PyFeatureLoader {
+        let loader = PyFeatureLoader {
             inner: Mutex::new(loader),
             bf16: store.bf16_mode(),
             batch_size,
             drop_last,
             num_workers,
             sharding,
-        })
+        };
+        Ok(PyClassInitializer::from(Closing).add_subclass(loader))
     }
 
     /// Starts a pass (consuming a pending `seek`): a `Batches` iterator of `Batch`es.
-    fn __iter__(&self, py: Python<'_>) -> PyResult<PyBatches> {
-        let batches = py.detach(|| with_lock(&self.inner, FeatureLoader::iter));
-        let batches = batches.ok_or_else(|| poisoned(py, "loader"))?;
-        Ok(PyBatches { pass: Mutex::new(Some(batches)), bf16: self.bf16 })
+    fn __iter__(&self, py: Python<'_>) -> PyResult<Py<PyBatches>> {
+        let batches = detached(py, &self.inner, "loader", FeatureLoader::iter)?;
+        let pass = PyBatches { pass: Mutex::new(Some(batches)), bf16: self.bf16 };
+        Py::new(py, PyClassInitializer::from(Closing).add_subclass(pass))
     }
 
     /// Batches one full pass yields (this rank's share with `dp`).
@@ -247,28 +265,16 @@ impl PyFeatureLoader {
 
     /// Materializes `refs` as one batch now, on this thread (GIL released), exactly as a pass
     /// would, whatever the loader's own refs.
-    fn load_batch(&self, py: Python<'_>, refs: &Bound<'_, PyAny>) -> PyResult<Batch> {
+    fn load_batch(&self, py: Python<'_>, refs: &Bound<'_, PyAny>) -> PyResult<Py<Batch>> {
         let refs = extract_refs(refs)?;
-        let batch = py.detach(|| with_lock(&self.inner, |l| l.load_batch(&refs)));
-        let batch = batch.ok_or_else(|| poisoned(py, "loader"))?.py_err(py)?;
+        let batch = detached(py, &self.inner, "loader", |l| l.load_batch(&refs))?.py_err(py)?;
         to_py_batch(py, batch, self.bf16)
     }
 
     /// Closes the loader. Refs mode holds nothing between passes, so this does nothing and
     /// the loader stays usable (passes are closed by `Batches.close()` or when collected).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let closed = py.detach(|| with_lock(&self.inner, |l| l.close()));
-        closed.ok_or_else(|| poisoned(py, "loader"))?.py_err(py)
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        self.close(py)?;
-        Ok(false)
+        detached(py, &self.inner, "loader", |l| l.close())?.py_err(py)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -288,7 +294,7 @@ impl PyFeatureLoader {
 
 /// One pass over a `FeatureLoader`: an iterator of `Batch`es, in order, ending at the first
 /// error (raised). `close()` stops its workers; collecting it does the same.
-#[pyclass(frozen, module = "ferry", name = "Batches")]
+#[pyclass(extends = Closing, frozen, module = "ferry", name = "Batches")]
 pub(crate) struct PyBatches {
     /// `None` once closed.
     pass: Mutex<Option<Batches>>,
@@ -301,9 +307,8 @@ impl PyBatches {
         slf
     }
 
-    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Batch>> {
-        let next = py.detach(|| with_lock(&self.pass, |p| p.as_mut().and_then(Iterator::next)));
-        match next.ok_or_else(|| poisoned(py, "pass"))? {
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<Batch>>> {
+        match detached(py, &self.pass, "pass", |p| p.as_mut().and_then(Iterator::next))? {
             None => Ok(None),
             Some(batch) => to_py_batch(py, batch.py_err(py)?, self.bf16).map(Some),
         }
@@ -322,23 +327,11 @@ impl PyBatches {
     /// Ends the pass now: stops its workers, waiting up to 5 s (`TimeoutError` if one is still
     /// inside a store read; calling again later completes the close). Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let closed = py.detach(|| {
-            with_lock(&self.pass, |p| match p.as_mut() {
-                Some(pass) => pass.close().map(|()| *p = None),
-                None => Ok(()),
-            })
+        let closed = detached(py, &self.pass, "pass", |p| match p.as_mut() {
+            Some(pass) => pass.close().map(|()| *p = None),
+            None => Ok(()),
         });
-        closed.ok_or_else(|| poisoned(py, "pass"))?.py_err(py)
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        self.close(py)?;
-        Ok(false)
+        closed?.py_err(py)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -362,11 +355,10 @@ impl Drop for PyBatches {
 /// One collated batch: `sample_ids`, `tensors` (name -> numpy array over ferry's batch buffer,
 /// no copy; the arrays own their memory), `metadata` (`target_repr`, `ttt_length`, ...),
 /// `strategy`. Also a read-only mapping of tensor name -> array, and `to_torch()`.
-#[pyclass(frozen, mapping, module = "ferry", name = "Batch")]
+#[pyclass(extends = TensorMapping, frozen, mapping, module = "ferry", name = "Batch")]
 pub(crate) struct Batch {
     sample_ids: Vec<String>,
     strategy: String,
-    tensors: Py<PyDict>,
     metadata: JsonMap,
     /// ferry dtype name of each tensor (bfloat16 arrays may be `uint16` bits).
     dtypes: Vec<(String, String)>,
@@ -392,12 +384,6 @@ impl Batch {
         &self.strategy
     }
 
-    /// A new dict of tensor name -> numpy array (the same arrays every time).
-    #[getter]
-    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        self.tensors.bind(py).copy()
-    }
-
     /// The batch metadata as a new dict.
     #[getter]
     fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -416,60 +402,18 @@ impl Batch {
 
     /// The tensors as a dict of torch tensors over the same memory (bfloat16 as
     /// `torch.bfloat16`). Needs torch.
-    fn to_torch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn to_torch<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         static TO_TORCH: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-        TO_TORCH.import(py, "ferry._arrays", "_to_torch_dict")?.call1((self.tensors.bind(py), self.dtypes(py)?))
+        let py = slf.py();
+        let tensors = slf.as_super().get().dict(py);
+        TO_TORCH.import(py, "ferry._arrays", "_to_torch_dict")?.call1((tensors, slf.get().dtypes(py)?))
     }
 
-    fn __getitem__<'py>(&self, py: Python<'py>, name: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.tensors.bind(py).as_any().get_item(name)
-    }
-
-    fn __len__(&self, py: Python<'_>) -> usize {
-        self.tensors.bind(py).len()
-    }
-
-    fn __contains__(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<bool> {
-        self.tensors.bind(py).contains(name)
-    }
-
-    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
-        self.tensors.bind(py).as_any().try_iter()
-    }
-
-    /// The tensor names.
-    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.tensors.bind(py).call_method0("keys")
-    }
-
-    /// The arrays.
-    fn values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.tensors.bind(py).call_method0("values")
-    }
-
-    /// `(name, array)` pairs.
-    fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.tensors.bind(py).call_method0("items")
-    }
-
-    /// The array of `name`, or `default`.
-    #[pyo3(signature = (name, default = None))]
-    fn get<'py>(
-        &self,
-        py: Python<'py>,
-        name: &Bound<'py, PyAny>,
-        default: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        match self.tensors.bind(py).get_item(name)? {
-            Some(v) => Ok(v),
-            None => Ok(default.unwrap_or_else(|| py.None().into_bound(py))),
-        }
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let shapes: Vec<String> = self
-            .tensors
-            .bind(py)
+    fn __repr__(slf: &Bound<'_, Self>) -> String {
+        let shapes: Vec<String> = slf
+            .as_super()
+            .get()
+            .dict(slf.py())
             .iter()
             .map(|(k, v)| {
                 let shape = v.getattr("shape").and_then(|s| s.repr()).map_or_else(|_| "?".into(), |s| s.to_string());
@@ -478,8 +422,8 @@ impl Batch {
             .collect();
         format!(
             "Batch(strategy={:?}, sample_ids={:?}, tensors={{{}}})",
-            self.strategy,
-            self.sample_ids,
+            slf.get().strategy,
+            slf.get().sample_ids,
             shapes.join(", ")
         )
     }

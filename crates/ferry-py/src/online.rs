@@ -13,13 +13,14 @@
 use crate::control::{collective_from_py, exception_reason, interruptible, refs_to_py, seconds};
 use crate::errors::{IntoPyResult, invalid, to_py};
 use crate::store::Store;
-use ferry_control::channel::{FileRefChannel, RefSink, RefSource};
 use ferry_control::collective::Collective;
 use ferry_control::distributor::DistributorThread;
-use ferry_control::online::{ConsumerConfig, Rank0, RankStream, agree_on_rank0_setup};
+use ferry_control::online::{
+    ConsumerConfig, Rank0, RankStream, StepRead, agree_on_rank0_setup, fail_rank, finish_rank,
+};
 use ferry_control::queue::RefQueue;
-use ferry_core::{Error, Result, SampleId, SampleRef};
-use ferry_store::{DrainPolicy, FeatureStoreApi};
+use ferry_core::{Error, SampleId};
+use ferry_store::FeatureStoreApi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use std::path::PathBuf;
@@ -184,62 +185,6 @@ pub(crate) struct OnlineRank {
     state: Mutex<RankState>,
 }
 
-/// Writes `.consumer_failed` unless a failure is already published (the root cause wins), as
-/// `ferry_control::online` does; a failure to write is logged.
-fn publish_consumer_failure_text(config: &ConsumerConfig, text: &str) {
-    let channel = FileRefChannel::open(&config.channel);
-    match channel.consumer_failure() {
-        Ok(Some(first)) => tracing::warn!(first = %first, later = %text, "a consumer failure is already published"),
-        _ => {
-            if let Err(e) = channel.mark_consumer_failed(text) {
-                tracing::error!(channel = %config.channel.display(), error = %e, "could not publish the consumer failure");
-            }
-        }
-    }
-}
-
-/// The micro-batches of the next step, or `None` at the end of the stream, or `Interrupted`
-/// with the micro-batches already leased (to be put back).
-enum StepRead {
-    Step(Vec<Vec<SampleRef>>),
-    End,
-    Interrupted(Vec<SampleRef>),
-}
-
-/// `RankStream::next_step`, interruptible: each micro-batch is leased with `stop` watched.
-fn read_step(
-    stream: &RankStream,
-    config: &ConsumerConfig,
-    rank: usize,
-    stop: &ferry_control::signal::StopSignal,
-) -> Result<StepRead> {
-    let queue = stream.queue();
-    let mut micro: Vec<Vec<SampleRef>> = Vec::with_capacity(config.accumulation);
-    for i in 0..config.accumulation {
-        let batch = queue.get_interruptible(config.batch_size, stop)?;
-        if stop.is_set() {
-            micro.push(batch);
-            return Ok(StepRead::Interrupted(micro.into_iter().flatten().collect()));
-        }
-        if batch.is_empty() && i == 0 {
-            return Ok(StepRead::End);
-        }
-        if batch.len() < config.batch_size {
-            let got = i * config.batch_size + batch.len();
-            return Err(Error::Protocol {
-                context: format!("trainer-{rank} stream"),
-                message: format!(
-                    "the stream ended inside an optimizer step ({got} of {} refs); no partial optimizer step or \
-                     durable acknowledgement was committed",
-                    config.refs_per_rank_step()
-                ),
-            });
-        }
-        micro.push(batch);
-    }
-    Ok(StepRead::Step(micro))
-}
-
 impl OnlineRank {
     fn lock(&self, py: Python<'_>) -> PyResult<std::sync::MutexGuard<'_, RankState>> {
         self.state.try_lock().map_err(|e| match e {
@@ -262,21 +207,10 @@ impl OnlineRank {
         }
     }
 
-    /// `run_rank_with`'s failure lifecycle: abandon the group; unless a peer is lost, publish
-    /// `.consumer_failed` with `reason` (and a failed drain's error beside it). Always stops
-    /// rank 0's distributor.
+    /// `run_rank_with`'s failure lifecycle (`ferry_control::online::fail_rank`), then rank 0's
+    /// distributor is stopped.
     fn failure_lifecycle(&self, reason: &str, peer_loss: bool) {
-        self.collective.abandon();
-        if peer_loss {
-            tracing::warn!(rank = self.collective.rank(), reason, "a peer rank is gone; this attempt can be resumed");
-        } else {
-            let mut text = reason.to_owned();
-            if let Some(e) = self.store.as_ref().and_then(|s| s.drain(DrainPolicy::default()).err()) {
-                tracing::error!(error = %e, "store drain failed after a consumer failure");
-                text.push_str(&format!("; store drain also failed: {}", e.python_reason()));
-            }
-            publish_consumer_failure_text(&self.config, &text);
-        }
+        fail_rank(&self.config, self.collective.as_ref(), self.store.as_deref(), reason, peer_loss);
         self.stop_distributor();
     }
 
@@ -407,9 +341,7 @@ impl OnlineRank {
                 "next_step: the previous step is not committed; call commit_step() first (every rank acks every step)",
             ));
         }
-        let config = &self.config;
-        let rank = self.collective.rank();
-        let read = interruptible(py, |stop| read_step(stream, config, rank, stop));
+        let read = interruptible(py, |stop| stream.next_step_until(stop));
         let read = match read {
             Ok(read) => read,
             Err((interrupt, read)) => {
@@ -487,34 +419,8 @@ impl OnlineRank {
             Phase::Finished => return report(py, state),
             Phase::Failed(reason) => return Err(invalid(py, format!("finish: this rank failed ({reason})"))),
         }
-        let rank = self.collective.rank();
-        let outcome = py.detach(|| -> Result<()> {
-            let drained = self.store.as_ref().map(|s| s.drain(DrainPolicy::default())).transpose();
-            let failure = drained.err().map(|e| format!("rank {rank}: {e}"));
-            let part = serde_json::to_vec(&failure).map_err(|e| Error::InvalidArgument(format!("encoding: {e}")))?;
-            let mut failures = Vec::new();
-            for (r, p) in self.collective.all_gather(part)?.iter().enumerate() {
-                let f: Option<String> = serde_json::from_slice(p).map_err(|e| Error::Corrupt {
-                    what: format!("rank {r}'s drain outcome"),
-                    message: e.to_string(),
-                })?;
-                failures.extend(f);
-            }
-            if !failures.is_empty() {
-                let error = Error::Collective {
-                    message: format!("online consumer finished but a store drain failed: {}", failures.join("; ")),
-                };
-                if rank == 0 {
-                    publish_consumer_failure_text(&self.config, &error.python_reason());
-                }
-                return Err(error);
-            }
-            if let Some(rank0) = &self.rank0 {
-                rank0.distributor.pump()?;
-                FileRefChannel::open(&self.config.channel).mark_consumer_done()?;
-            }
-            Ok(())
-        });
+        let outcome = py
+            .detach(|| finish_rank(&self.config, self.collective.as_ref(), self.rank0.as_ref(), self.store.as_deref()));
         py.detach(|| self.stop_distributor());
         match outcome {
             Ok(()) => {

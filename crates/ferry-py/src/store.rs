@@ -10,7 +10,7 @@ use crate::arrays::{self, Bf16Mode, OutArray, PutArray, TraceOp};
 use crate::errors::{IntoPyResult, invalid, to_py};
 use crate::pyjson;
 use crate::records::{PyFeatureHandle, PyFeatureSpec, PySampleRef};
-use ferry_core::{Error, FeatureHandle, FeatureSpec, SampleId, TensorView};
+use ferry_core::{Error, FeatureHandle, FeatureSpec, SampleId, TensorBuf, TensorView};
 use ferry_net::{Client, ConnectOptions, RoutePreference};
 use ferry_store::{AuthPolicy, DrainPolicy, FeatureStoreApi, Secret, StoreOptions};
 use indexmap::IndexMap;
@@ -253,34 +253,16 @@ impl Store {
     /// that releases the lease on exit. The arrays own their memory (ferry's buffers, wrapped
     /// without a copy): they stay valid after the lease is released.
     #[pyo3(signature = (r#ref, names = None))]
-    fn get(&self, py: Python<'_>, r#ref: &Bound<'_, PySampleRef>, names: Option<Vec<String>>) -> PyResult<Lease> {
+    fn get(&self, py: Python<'_>, r#ref: &Bound<'_, PySampleRef>, names: Option<Vec<String>>) -> PyResult<Py<Lease>> {
         let r = r#ref;
         let api = self.api(py)?;
         let wanted: Option<Vec<&str>> = names.as_ref().map(|n| n.iter().map(String::as_str).collect());
         let sample = r.get().inner.clone();
-        // A daemon client's `get` reads into fresh memory; pooled buffers + `get_into` are warm.
-        let daemon = self.uri.starts_with("ferry://") || self.uri.starts_with("ferry+unix://");
-        let (tensors, handle) = py
-            .detach(|| {
-                let pooled = if daemon { crate::pooled_get::get(&*api, &sample, wanted.as_deref()) } else { None };
-                pooled.unwrap_or_else(|| api.get(&sample, wanted.as_deref()))
-            })
-            .py_err(py)?;
-        let build = || -> PyResult<(Bound<'_, PyDict>, arrays::TraceEntries)> {
-            let out = PyDict::new(py);
-            let mut trace = Vec::with_capacity(tensors.len());
-            for (name, tensor) in tensors {
-                let nbytes = tensor.bytes().len();
-                let (arr, addr) = arrays::to_numpy(py, tensor, self.bf16)?;
-                trace.push((name.clone(), addr, nbytes));
-                out.set_item(name, arr)?;
-            }
-            Ok((out, trace))
-        };
-        match build() {
+        let (tensors, handle) = py.detach(|| api.get(&sample, wanted.as_deref())).py_err(py)?;
+        match tensors_to_numpy(py, tensors, self.bf16) {
             Ok((out, trace)) => {
                 arrays::trace(TraceOp::Get, trace);
-                Ok(Lease::new(api, handle, out, r))
+                Lease::new(api, handle, out, r)
             }
             Err(e) => {
                 let _ = py.detach(|| api.release(&handle));
@@ -293,7 +275,7 @@ impl Store {
     /// array (numpy, or a CPU torch tensor), each writable, C-contiguous, of the feature's
     /// dtype (bfloat16 takes `ml_dtypes.bfloat16`, `uint16` or `int16` arrays) and exactly its
     /// byte size (any shape). Takes a read lease and returns it as a `Lease` over `out`.
-    fn get_into(&self, py: Python<'_>, r#ref: &Bound<'_, PySampleRef>, out: &Bound<'_, PyDict>) -> PyResult<Lease> {
+    fn get_into(&self, py: Python<'_>, r#ref: &Bound<'_, PySampleRef>, out: &Bound<'_, PyDict>) -> PyResult<Py<Lease>> {
         let r = r#ref;
         let api = self.api(py)?;
         let names: Vec<String> = out.keys().iter().map(|k| k.extract()).collect::<PyResult<_>>()?;
@@ -317,7 +299,7 @@ impl Store {
         let mut dsts: Vec<(&str, &mut [u8])> = outs.iter_mut().map(|(n, o)| (n.as_str(), o.bytes_mut())).collect();
         let handle = py.detach(|| api.get_into(&sample, &mut dsts)).py_err(py)?;
         arrays::trace(TraceOp::GetInto, trace);
-        Ok(Lease::new(api, handle, out.copy()?, r))
+        Lease::new(api, handle, out.copy()?, r)
     }
 
     /// The specs of a sample's features, as the store holds them.
@@ -473,50 +455,75 @@ impl Store {
     }
 }
 
-/// A read lease on one sample and the tensors read under it: a mapping of feature name ->
-/// array, and a context manager. The lease is released by `release()`, on leaving a `with`
-/// block, or when the `Lease` is garbage collected, whichever comes first; keep the `Lease`
-/// to keep the lease. Arrays from `get` own their memory, so they stay valid after release.
-#[pyclass(frozen, mapping, module = "ferry", name = "Lease")]
-pub(crate) struct Lease {
-    api: Api,
-    handle: FeatureHandle,
-    released: AtomicBool,
+/// Tensors as numpy arrays over their own buffers (no copy: the arrays own the memory), as a
+/// dict of name -> array, with each array's address and size for the debug trace. `Store.get`
+/// and the loader's `Batch` share it.
+pub(crate) fn tensors_to_numpy<'py>(
+    py: Python<'py>,
+    tensors: IndexMap<String, TensorBuf>,
+    bf16: Bf16Mode,
+) -> PyResult<(Bound<'py, PyDict>, arrays::TraceEntries)> {
+    let out = PyDict::new(py);
+    let mut trace = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let nbytes = tensor.bytes().len();
+        let (arr, addr) = arrays::to_numpy(py, tensor, bf16)?;
+        trace.push((name.clone(), addr, nbytes));
+        out.set_item(name, arr)?;
+    }
+    Ok((out, trace))
+}
+
+/// The read-only mapping of name -> array that `Lease` and the loader's `Batch` both are: their
+/// base class (Python's `ferry._TensorMapping`), holding the dict.
+#[pyclass(subclass, frozen, mapping, module = "ferry", name = "_TensorMapping")]
+pub(crate) struct TensorMapping {
     tensors: Py<PyDict>,
-    r: Py<PySampleRef>,
+}
+
+impl TensorMapping {
+    /// A mapping over `tensors`, to extend (`PyClassInitializer::add_subclass`).
+    pub(crate) fn over(tensors: Bound<'_, PyDict>) -> TensorMapping {
+        TensorMapping { tensors: tensors.unbind() }
+    }
+
+    /// The dict.
+    pub(crate) fn dict<'py>(&self, py: Python<'py>) -> &Bound<'py, PyDict> {
+        self.tensors.bind(py)
+    }
 }
 
 #[pymethods]
-impl Lease {
+impl TensorMapping {
     fn __getitem__<'py>(&self, py: Python<'py>, name: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.tensors.bind(py).as_any().get_item(name)
+        self.dict(py).as_any().get_item(name)
     }
 
     fn __len__(&self, py: Python<'_>) -> usize {
-        self.tensors.bind(py).len()
+        self.dict(py).len()
     }
 
     fn __contains__(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<bool> {
-        self.tensors.bind(py).contains(name)
+        self.dict(py).contains(name)
     }
 
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
-        self.tensors.bind(py).as_any().try_iter()
+        self.dict(py).as_any().try_iter()
     }
 
-    /// The feature names.
+    /// The names.
     fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.tensors.bind(py).call_method0("keys")
+        self.dict(py).call_method0("keys")
     }
 
     /// The arrays.
     fn values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.tensors.bind(py).call_method0("values")
+        self.dict(py).call_method0("values")
     }
 
     /// `(name, array)` pairs.
     fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.tensors.bind(py).call_method0("items")
+        self.dict(py).call_method0("items")
     }
 
     /// The array of `name`, or `default`.
@@ -527,19 +534,33 @@ impl Lease {
         name: &Bound<'py, PyAny>,
         default: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let d = self.tensors.bind(py);
-        match d.get_item(name)? {
+        match self.dict(py).get_item(name)? {
             Some(v) => Ok(v),
             None => Ok(default.unwrap_or_else(|| py.None().into_bound(py))),
         }
     }
 
-    /// A new dict of feature name -> array.
+    /// A new dict of name -> array (the same arrays every time).
     #[getter]
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        self.tensors.bind(py).copy()
+        self.dict(py).copy()
     }
+}
 
+/// A read lease on one sample and the tensors read under it: a mapping of feature name ->
+/// array, and a context manager. The lease is released by `release()`, on leaving a `with`
+/// block, or when the `Lease` is garbage collected, whichever comes first; keep the `Lease`
+/// to keep the lease. Arrays from `get` own their memory, so they stay valid after release.
+#[pyclass(extends = TensorMapping, frozen, mapping, module = "ferry", name = "Lease")]
+pub(crate) struct Lease {
+    api: Api,
+    handle: FeatureHandle,
+    released: AtomicBool,
+    r: Py<PySampleRef>,
+}
+
+#[pymethods]
+impl Lease {
     /// The lease's `FeatureHandle` (for `Store.release`, or SpecForge-shaped code).
     #[getter]
     fn handle(&self) -> PyFeatureHandle {
@@ -554,13 +575,15 @@ impl Lease {
 
     /// The tensors as torch tensors over the same memory (bfloat16 features as
     /// `torch.bfloat16`). Needs torch.
-    fn to_torch<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn to_torch<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         static TO_TORCH: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let py = slf.py();
         let dtypes = PyDict::new(py);
-        for (name, spec) in &self.r.get().inner.feature_specs {
+        for (name, spec) in &slf.get().r.get().inner.feature_specs {
             dtypes.set_item(name, &spec.dtype)?;
         }
-        TO_TORCH.import(py, "ferry._arrays", "_to_torch_dict")?.call1((self.tensors.bind(py), dtypes))
+        let tensors = slf.as_super().get().dict(py);
+        TO_TORCH.import(py, "ferry._arrays", "_to_torch_dict")?.call1((tensors, dtypes))
     }
 
     /// Whether the lease has been released.
@@ -602,26 +625,34 @@ impl Lease {
         Ok(false)
     }
 
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let names: Vec<String> = self
-            .tensors
-            .bind(py)
+    fn __repr__(slf: &Bound<'_, Self>) -> String {
+        let names: Vec<String> = slf
+            .as_super()
+            .get()
+            .dict(slf.py())
             .keys()
             .iter()
             .map(|k| k.str().map_or_else(|_| "?".into(), |s| s.to_string()))
             .collect();
         format!(
             "Lease(sample_id={:?}, generation={}, features={names:?}{})",
-            self.handle.sample_id.as_str(),
-            self.handle.generation,
-            if self.released() { ", released" } else { "" }
+            slf.get().handle.sample_id.as_str(),
+            slf.get().handle.generation,
+            if slf.get().released() { ", released" } else { "" }
         )
     }
 }
 
 impl Lease {
-    fn new(api: Api, handle: FeatureHandle, tensors: Bound<'_, PyDict>, r: &Bound<'_, PySampleRef>) -> Lease {
-        Lease { api, handle, released: AtomicBool::new(false), tensors: tensors.unbind(), r: r.clone().unbind() }
+    fn new(
+        api: Api,
+        handle: FeatureHandle,
+        tensors: Bound<'_, PyDict>,
+        r: &Bound<'_, PySampleRef>,
+    ) -> PyResult<Py<Lease>> {
+        let py = tensors.py();
+        let lease = Lease { api, handle, released: AtomicBool::new(false), r: r.clone().unbind() };
+        Py::new(py, PyClassInitializer::from(TensorMapping::over(tensors)).add_subclass(lease))
     }
 }
 

@@ -14,7 +14,7 @@ exception tree (``ferry._errors``) and the array helpers (``ferry._arrays``). Se
 
 from collections.abc import Mapping as _Mapping
 
-from ferry._arrays import bfloat16_dtype, to_torch
+from ferry._arrays import bfloat16_dtype, to_dlpack, to_torch
 from ferry._collective import LocalCollective, TorchCollective
 from ferry._errors import (
     AuthError,
@@ -46,6 +46,7 @@ from ferry._ferry import (
     Batch,
     Batches,
     ConsumerConfig,
+    DLPackTensor,
     Daemon,
     FeatureHandle,
     FeatureLoader,
@@ -78,6 +79,7 @@ __all__ = [
     "CollectiveError",
     "ConsumerConfig",
     "CorruptError",
+    "DLPackTensor",
     "Daemon",
     "DrainIncompleteError",
     "Error",
@@ -116,6 +118,7 @@ __all__ = [
     "open_store_with_backend",
     "read_manifest",
     "start_daemon",
+    "to_dlpack",
     "to_torch",
     "write_manifest",
 ]

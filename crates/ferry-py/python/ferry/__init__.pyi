@@ -17,6 +17,7 @@ __all__ = [
     "CollectiveError",
     "ConsumerConfig",
     "CorruptError",
+    "DLPackTensor",
     "Daemon",
     "DrainIncompleteError",
     "Error",
@@ -55,6 +56,7 @@ __all__ = [
     "open_store_with_backend",
     "read_manifest",
     "start_daemon",
+    "to_dlpack",
     "to_torch",
     "write_manifest",
 ]
@@ -784,7 +786,46 @@ class Producer:
 
 def to_torch(array: Any, dtype: str | None = None) -> Any:
     """A torch tensor over the same memory as ``array``; bfloat16 arrays (or ``uint16`` with
-    ``dtype="bfloat16"``) become ``torch.bfloat16``. Needs torch."""
+    ``dtype="bfloat16"``) become ``torch.bfloat16``. Needs torch. An array ferry returned goes
+    through DLPack (``torch.from_dlpack(to_dlpack(array))``: the tensor holds ferry's buffer);
+    anything else through ``torch.from_numpy``."""
+
+def to_dlpack(array: numpy.ndarray) -> DLPackTensor:
+    """A DLPack exporter over the ferry buffer under ``array`` (an array from ``Store.get`` or a
+    ``Batch``, whole, with its own dtype; or its ``.base``). ``InvalidArgumentError`` for
+    anything else (other arrays, slices, reinterpreting views, empty features)."""
+
+@final
+class DLPackTensor:
+    """A DLPack producer over one of ferry's buffers (CPU memory): ``torch.from_dlpack(t)``,
+    ``numpy.from_dlpack(t)``, ... take the memory without a copy; the consumer's tensor keeps
+    the buffer alive until it is freed."""
+
+    def __dlpack__(
+        self,
+        *,
+        stream: int | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """A ``"dltensor"`` capsule (legacy ``DLManagedTensor``), or ``"dltensor_versioned"``
+        (DLPack 1.0) when ``max_version >= (1, 0)``; ``copy=True`` exports a copy. ``stream``
+        must be ``None`` (or -1) and ``dl_device`` ``(1, 0)``, else ``BufferError``; a read-only
+        array exports only versioned (read-only flag) or copied."""
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(1, 0)``: kDLCPU, device 0."""
+    @property
+    def address(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> str:
+        """The ferry dtype name (``"bfloat16"`` exports as kDLBfloat)."""
+    @property
+    def readonly(self) -> bool: ...
 
 def bfloat16_dtype() -> Any:
     """``ml_dtypes.bfloat16`` if ml_dtypes is importable, else ``None``."""

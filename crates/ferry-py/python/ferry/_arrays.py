@@ -21,7 +21,7 @@ import numpy
 
 from ferry._errors import InvalidArgumentError
 
-__all__ = ["bfloat16_dtype", "to_torch"]
+__all__ = ["bfloat16_dtype", "to_dlpack", "to_torch"]
 
 
 def _is_torch(obj: Any) -> bool:
@@ -81,12 +81,48 @@ def to_torch(array: Any, dtype: str | None = None) -> Any:
 
     if _is_torch(array):
         return array
+    exporter = (
+        _dlpack_exporter(array) if isinstance(array, numpy.ndarray) and hasattr(torch, "from_dlpack") else None
+    )
+    if exporter is not None and not exporter.readonly:
+        wants_bf16 = dtype == "bfloat16" or array.dtype.name == "bfloat16"
+        if wants_bf16 == (exporter.dtype == "bfloat16"):
+            # ferry's own buffer, whole: DLPack hands torch the buffer itself (bfloat16 as
+            # kDLBfloat), and the tensor keeps it alive.
+            return torch.from_dlpack(exporter)
     array = numpy.asarray(array)
     if dtype == "bfloat16" or array.dtype.name == "bfloat16":
         if array.dtype.itemsize != 2:
             raise InvalidArgumentError(f"a {array.dtype} array cannot hold bfloat16 values")
         return torch.from_numpy(array.view(numpy.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
+
+
+def _dlpack_exporter(array: Any) -> Any:
+    """The ``DLPackTensor`` over the ferry buffer under ``array``, or ``None``."""
+    from ferry._ferry import _dlpack_exporter
+
+    return _dlpack_exporter(array)
+
+
+def to_dlpack(array: Any) -> Any:
+    """A DLPack exporter (``ferry.DLPackTensor``) over the ferry buffer under ``array``.
+
+    ``array`` is an array ferry returned (``Store.get``, a loader ``Batch``), whole and with its
+    own dtype (a bfloat16 feature's ``ml_dtypes.bfloat16`` or ``uint16`` array exports as
+    bfloat16). ``torch.from_dlpack``, ``numpy.from_dlpack``, ``jax.dlpack.from_dlpack``, ...
+    take the buffer without a copy and keep it alive as long as their tensor, after the lease
+    and the array are gone. Anything else (another array, a slice or a reinterpreting view, an
+    empty feature, which has no buffer) is an ``InvalidArgumentError``: numpy arrays export
+    themselves (``numpy.ndarray.__dlpack__``).
+    """
+    exporter = _dlpack_exporter(array)
+    if exporter is None:
+        raise InvalidArgumentError(
+            f"to_dlpack: {type(array).__name__} is not a whole array over a ferry buffer "
+            "(an array from Store.get or a Batch, unsliced, with its own dtype)"
+        )
+    return exporter
 
 
 def _to_torch_dict(tensors: dict[str, Any], dtypes: dict[str, str]) -> dict[str, Any]:
