@@ -18,6 +18,7 @@
 //! * `backend` — `open_store_with_backend`: a Python object (Mooncake's client API) as a byte backend.
 //! * `daemon` — `start_daemon`, `Daemon`.
 //! * `loader` — `FeatureLoader`, `Batches`, `Batch`; `offline_refs`, `read_manifest`, `write_manifest`.
+//! * `ref_queue` — `SampleRefQueue`, the staging queue a queue-mode `FeatureLoader` reads.
 //! * `errors` — ferry's `Error` as the Python exception tree of `ferry/_errors.py`.
 //! * `pyjson` — JSON values through Python's `json` module.
 
@@ -32,6 +33,7 @@ mod online;
 mod producer;
 mod pyjson;
 mod records;
+mod ref_queue;
 mod store;
 
 use pyo3::prelude::*;
@@ -57,6 +59,7 @@ fn ferry_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<loader::PyFeatureLoader>()?;
     m.add_class::<loader::PyBatches>()?;
     m.add_class::<loader::Batch>()?;
+    m.add_class::<ref_queue::PySampleRefQueue>()?;
     m.add_function(wrap_pyfunction!(loader::offline_refs, m)?)?;
     m.add_function(wrap_pyfunction!(loader::read_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(loader::write_manifest, m)?)?;

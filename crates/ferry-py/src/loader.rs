@@ -9,13 +9,19 @@
 //! loader filled (`arrays::to_numpy`), so the arrays own their memory and outlive the loader,
 //! the pass and the store.
 //!
-//! Queue mode (`RefSource::Queue`) is not exposed yet: it needs a Python `RefQueue`, which the
-//! control-plane objects bring.
+//! Queue mode (`FeatureLoader(store, queue=q)`, `RefSource::Queue`) reads a
+//! `ferry.SampleRefQueue` (`crate::ref_queue`) through the loader's own `LoaderQueue`; the pass
+//! follows `ferry_loader`'s queue-mode rules (acks, failed refs, the incomplete tail, the one
+//! live pass). A queue pass's `next` runs on a helper thread while the calling thread, with the
+//! GIL released, checks for signals: Ctrl-C ends the pass's wait for refs (nothing leased is
+//! lost) and raises `KeyboardInterrupt`.
 
 use crate::arrays::{self, Bf16Mode, TraceEntries};
+use crate::control::SIGNAL_CHECK;
 use crate::errors::{IntoPyResult, invalid};
 use crate::pyjson;
 use crate::records::PySampleRef;
+use crate::ref_queue::{LoaderQueue, PySampleRefQueue};
 use crate::store::{Store, TensorMapping, tensors_to_numpy};
 use ferry_core::{JsonMap, SampleRef, TrainBatch};
 use ferry_loader::strategies::StrategyRegistry;
@@ -25,7 +31,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::mpsc::{RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 /// `(name, address, nbytes)` of each tensor of the last batch handed to Python.
 static LAST_BATCH: Mutex<TraceEntries> = Mutex::new(Vec::new());
@@ -111,11 +118,23 @@ impl Closing {
 }
 
 /// The feature loader: refs and a store in, collated batches out (SpecForge's
-/// `FeatureDataLoader` in refs mode).
+/// `FeatureDataLoader`, refs mode and queue mode).
 ///
-/// `FeatureLoader(store, refs, *, batch_size=1, drop_last=True, strategy="eagle3",
-/// num_workers=0, dp=None, rank=None, seed=0, shuffle=True, dp_drop_last=False, max_len=None)`
+/// `FeatureLoader(store, refs=None, queue=None, *, batch_size=1, drop_last=True,
+/// strategy="eagle3", num_workers=0, dp=None, rank=None, seed=0, shuffle=True,
+/// dp_drop_last=False, max_len=None, prefetch_depth=None, defer_ack=False)`, with exactly one
+/// of `refs` and `queue`.
 ///
+/// Queue mode (`queue`, a `ferry.SampleRefQueue`; online, consume-once): `iter(loader)` leases
+/// `batch_size` refs at a time as they arrive and yields batches until the queue is closed and
+/// drained; a short tail is yielded (`drop_last=False`) or failed and freed from the store.
+/// A batch is acked when the consumer comes back for the next one (or the pass is closed);
+/// with `defer_ack=True` the caller acks (`queue.ack(batch)`). `prefetch_depth` batches
+/// (default `num_workers`) are materialized ahead on a Rust thread. One live pass at a time;
+/// `close()` ends it and fails the refs it leased but never yielded. `dp`/`rank` are refused
+/// (the distributor shards a stream), as are `seek` and `len()`.
+///
+/// Refs mode:
 /// `refs` is a list of `SampleRef`s (a manifest's, or `ferry.offline_refs(dump)`), read from
 /// `store` (a `ferry.Store`; offline `file://` refs are read in place by any store in this
 /// process). Every `iter(loader)` is one pass over them in batches of `batch_size`, a short
@@ -132,20 +151,26 @@ pub(crate) struct PyFeatureLoader {
     drop_last: bool,
     num_workers: usize,
     sharding: Option<DpSharding>,
+    /// Queue mode: the Python queue and this loader's view of it.
+    queue: Option<(Py<PySampleRefQueue>, Arc<LoaderQueue>)>,
+    prefetch_depth: usize,
+    defer_ack: bool,
 }
 
 #[pymethods]
 impl PyFeatureLoader {
     #[new]
     #[pyo3(signature = (
-        store, refs, *, batch_size = 1, drop_last = true, strategy = "eagle3", num_workers = 0,
-        dp = None, rank = None, seed = 0, shuffle = true, dp_drop_last = false, max_len = None
+        store, refs = None, queue = None, *, batch_size = 1, drop_last = true, strategy = "eagle3",
+        num_workers = 0, dp = None, rank = None, seed = 0, shuffle = true, dp_drop_last = false,
+        max_len = None, prefetch_depth = None, defer_ack = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         store: &Bound<'_, Store>,
-        refs: &Bound<'_, PyAny>,
+        refs: Option<&Bound<'_, PyAny>>,
+        queue: Option<&Bound<'_, PyAny>>,
         batch_size: usize,
         drop_last: bool,
         strategy: &str,
@@ -156,8 +181,33 @@ impl PyFeatureLoader {
         shuffle: bool,
         dp_drop_last: bool,
         max_len: Option<u64>,
+        prefetch_depth: Option<usize>,
+        defer_ack: bool,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let refs = extract_refs(refs)?;
+        let (source, queue) = match (refs.filter(|r| !r.is_none()), queue.filter(|q| !q.is_none())) {
+            (Some(refs), None) => {
+                if prefetch_depth.is_some() || defer_ack {
+                    return Err(invalid(py, "prefetch_depth and defer_ack apply to a queue loader (queue=...)"));
+                }
+                (RefSource::Fixed(extract_refs(refs)?), None)
+            }
+            (None, Some(queue)) => {
+                let queue = queue.cast::<PySampleRefQueue>().map_err(|_| {
+                    pyo3::exceptions::PyTypeError::new_err(format!(
+                        "queue must be a ferry.SampleRefQueue, not {}",
+                        arrays::describe(queue)
+                    ))
+                })?;
+                let view = Arc::new(LoaderQueue::new(Arc::clone(&queue.get().inner)));
+                (RefSource::Queue(view.clone()), Some((queue.clone().unbind(), view)))
+            }
+            _ => {
+                return Err(invalid(
+                    py,
+                    "FeatureLoader takes exactly one of refs (a fixed ref list) and queue (a ferry.SampleRefQueue)",
+                ));
+            }
+        };
         let sharding = match (dp, rank) {
             (None, None) => None,
             (Some(dp), Some(rank)) => Some(DpSharding { dp, rank, seed, shuffle, drop_last: dp_drop_last }),
@@ -166,11 +216,15 @@ impl PyFeatureLoader {
         };
         let store = store.get();
         let api = store.api(py)?;
-        let mut builder = FeatureLoader::builder(api, RefSource::Fixed(refs))
+        let mut builder = FeatureLoader::builder(api, source)
             .batch_size(batch_size)
             .drop_last(drop_last)
             .strategy(strategy)
-            .num_workers(num_workers);
+            .num_workers(num_workers)
+            .defer_ack_until_durable(defer_ack);
+        if let Some(depth) = prefetch_depth {
+            builder = builder.prefetch_depth(depth);
+        }
         if let Some(sharding) = sharding {
             builder = builder.dp_sharding(sharding);
         }
@@ -185,20 +239,54 @@ impl PyFeatureLoader {
             drop_last,
             num_workers,
             sharding,
+            queue,
+            prefetch_depth: prefetch_depth.unwrap_or(num_workers),
+            defer_ack,
         };
         Ok(PyClassInitializer::from(Closing).add_subclass(loader))
     }
 
-    /// Starts a pass (consuming a pending `seek`): a `Batches` iterator of `Batch`es.
+    /// Starts a pass (consuming a pending `seek`): a `Batches` iterator of `Batch`es. Queue
+    /// mode: one live pass at a time (another raises `ProtocolError` at its first `next`).
     fn __iter__(&self, py: Python<'_>) -> PyResult<Py<PyBatches>> {
         let batches = detached(py, &self.inner, "loader", FeatureLoader::iter)?;
-        let pass = PyBatches { pass: Mutex::new(Some(batches)), bf16: self.bf16 };
+        let pass = PyBatches {
+            pass: Mutex::new(Some(batches)),
+            bf16: self.bf16,
+            queue: self.queue.as_ref().map(|(_, view)| Arc::clone(view)),
+            interrupted: Mutex::new(None),
+        };
         Py::new(py, PyClassInitializer::from(Closing).add_subclass(pass))
     }
 
-    /// Batches one full pass yields (this rank's share with `dp`).
+    /// Batches one full pass yields (this rank's share with `dp`); a `TypeError` in queue
+    /// mode, whose length is not known.
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        if self.queue.is_some() {
+            return Err(pyo3::exceptions::PyTypeError::new_err(
+                "a queue FeatureLoader has no len(): the stream's length is not known",
+            ));
+        }
         Ok(lock(py, &self.inner, "loader")?.batches_per_pass())
+    }
+
+    /// The `SampleRefQueue` (queue mode), else `None`.
+    #[getter]
+    fn queue(&self, py: Python<'_>) -> Option<Py<PySampleRefQueue>> {
+        self.queue.as_ref().map(|(q, _)| q.clone_ref(py))
+    }
+
+    /// Queue mode: batches materialized ahead on the prefetch thread (0: on the iterating
+    /// thread).
+    #[getter]
+    fn prefetch_depth(&self) -> usize {
+        self.prefetch_depth
+    }
+
+    /// Queue mode: whether the caller acks (`queue.ack(batch)`) instead of the loader.
+    #[getter]
+    fn defer_ack(&self) -> bool {
+        self.defer_ack
     }
 
     /// Refs one full pass reads (this rank's share with `dp`, padding included).
@@ -271,14 +359,33 @@ impl PyFeatureLoader {
         to_py_batch(py, batch, self.bf16)
     }
 
-    /// Closes the loader. Refs mode holds nothing between passes, so this does nothing and
-    /// the loader stays usable (passes are closed by `Batches.close()` or when collected).
+    /// Closes the loader. Queue mode: the live pass ends (a pass waiting for refs at once;
+    /// the batch the consumer holds is acked when its `Batches` is closed or collected), the
+    /// refs it leased but never yielded are failed (retryably unless their bytes were read
+    /// from a consume-once store), and later passes yield nothing; `TimeoutError` if the
+    /// prefetch thread is still inside a store read (close again later). Refs mode holds
+    /// nothing between passes, so this does nothing and the loader stays usable (passes are
+    /// closed by `Batches.close()` or when collected). Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if let Some((_, view)) = &self.queue {
+            view.close();
+        }
         detached(py, &self.inner, "loader", |l| l.close())?.py_err(py)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let l = lock(py, &self.inner, "loader")?;
+        if let Some((queue, _)) = &self.queue {
+            return Ok(format!(
+                "FeatureLoader(strategy={:?}, queue={}, batch_size={}, drop_last={}, prefetch_depth={}, defer_ack={})",
+                l.strategy().name,
+                queue.get().__repr__(),
+                self.batch_size,
+                if self.drop_last { "True" } else { "False" },
+                self.prefetch_depth,
+                if self.defer_ack { "True" } else { "False" },
+            ));
+        }
         let dp = self.sharding.map_or_else(String::new, |s| format!(", dp={}, rank={}, seed={}", s.dp, s.rank, s.seed));
         Ok(format!(
             "FeatureLoader(strategy={:?}, refs_per_pass={}, batch_size={}, drop_last={}, num_workers={}{dp}, epoch={})",
@@ -299,6 +406,60 @@ pub(crate) struct PyBatches {
     /// `None` once closed.
     pass: Mutex<Option<Batches>>,
     bf16: Bf16Mode,
+    /// Queue mode: the loader's view of its queue (to end the pass's waits).
+    queue: Option<Arc<LoaderQueue>>,
+    /// A Ctrl-C caught while a batch was being yielded anyway: raised by the next `next`.
+    interrupted: Mutex<Option<PyErr>>,
+}
+
+impl PyBatches {
+    /// Queue mode's `next`: the pass's `next` on a helper thread while this thread, GIL
+    /// released, checks for signals every [`SIGNAL_CHECK`]. On a signal the queue's waits end
+    /// (the pass ends, leasing nothing more) and the signal's exception is raised; if a batch
+    /// came anyway, it is returned and the exception kept for the next call.
+    fn next_interruptible(&self, py: Python<'_>, queue: &LoaderQueue) -> PyResult<Option<Py<Batch>>> {
+        if let Some(e) = lock(py, &self.interrupted, "pass")?.take() {
+            return Err(e);
+        }
+        let pass = &self.pass;
+        let (tx, rx) = channel();
+        let outcome = py.detach(move || {
+            std::thread::scope(|scope| {
+                scope.spawn(move || {
+                    let item = pass.lock().ok().map(|mut p| p.as_mut().and_then(Iterator::next));
+                    let _ = tx.send(item);
+                });
+                let mut interrupt = None;
+                loop {
+                    match rx.recv_timeout(SIGNAL_CHECK) {
+                        Ok(item) => return Some((item, interrupt.map(|(e, _guard)| e))),
+                        Err(RecvTimeoutError::Timeout) if interrupt.is_none() => {
+                            if let Err(e) = Python::attach(|py| py.check_signals()) {
+                                interrupt = Some((e, queue.interrupt()));
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        // The helper panicked (the scope re-raises the panic on exit).
+                        Err(RecvTimeoutError::Disconnected) => return None,
+                    }
+                }
+            })
+        });
+        let Some((item, interrupt)) = outcome else { unreachable!("std::thread::scope propagates the helper's panic") };
+        let item = item.ok_or_else(|| poisoned(py, "pass"))?;
+        match (item, interrupt) {
+            (Some(batch), Some(e)) => match batch {
+                Ok(batch) => {
+                    *lock(py, &self.interrupted, "pass")? = Some(e);
+                    to_py_batch(py, batch, self.bf16).map(Some)
+                }
+                Err(_) => Err(e),
+            },
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(None),
+            (Some(batch), None) => to_py_batch(py, batch.py_err(py)?, self.bf16).map(Some),
+        }
+    }
 }
 
 #[pymethods]
@@ -308,16 +469,20 @@ impl PyBatches {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<Batch>>> {
+        if let Some(queue) = &self.queue {
+            return self.next_interruptible(py, queue);
+        }
         match detached(py, &self.pass, "pass", |p| p.as_mut().and_then(Iterator::next))? {
             None => Ok(None),
             Some(batch) => to_py_batch(py, batch.py_err(py)?, self.bf16).map(Some),
         }
     }
 
-    /// Batches this pass has still to yield (if none fails).
+    /// Batches this pass has still to yield (if none fails); in queue mode, the batches
+    /// already prefetched (a lower bound).
     #[getter]
     fn remaining(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(lock(py, &self.pass, "pass")?.as_ref().map_or(0, Batches::remaining))
+        detached(py, &self.pass, "pass", |p| p.as_ref().map_or(0, Batches::remaining))
     }
 
     fn __length_hint__(&self, py: Python<'_>) -> PyResult<usize> {
@@ -325,18 +490,31 @@ impl PyBatches {
     }
 
     /// Ends the pass now: stops its workers, waiting up to 5 s (`TimeoutError` if one is still
-    /// inside a store read; calling again later completes the close). Idempotent.
+    /// inside a store read; calling again later completes the close). Idempotent. Queue
+    /// mode: a `next` waiting for refs in another thread ends; the batch the consumer took
+    /// last is acked (unless `defer_ack`), and refs leased but never yielded are failed.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let closed = detached(py, &self.pass, "pass", |p| match p.as_mut() {
-            Some(pass) => pass.close().map(|()| *p = None),
-            None => Ok(()),
+        let closed = py.detach(|| {
+            let mut p = match self.pass.try_lock() {
+                Ok(p) => p,
+                // A `next` holds the pass (in queue mode, maybe waiting for refs): end its wait
+                // until the pass is ours. Only this pass's own `next` is interrupted.
+                Err(TryLockError::WouldBlock) => {
+                    let _interrupt = self.queue.as_ref().map(|q| q.interrupt());
+                    self.pass.lock().ok()?
+                }
+                Err(TryLockError::Poisoned(_)) => return None,
+            };
+            Some(match p.as_mut() {
+                Some(pass) => pass.close().map(|()| *p = None),
+                None => Ok(()),
+            })
         });
-        closed?.py_err(py)
+        closed.ok_or_else(|| poisoned(py, "pass"))?.py_err(py)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let p = lock(py, &self.pass, "pass")?;
-        Ok(match p.as_ref() {
+        detached(py, &self.pass, "pass", |p| match p.as_ref() {
             Some(pass) => format!("Batches(remaining={})", pass.remaining()),
             None => "Batches(closed)".to_owned(),
         })
@@ -362,6 +540,13 @@ pub(crate) struct Batch {
     metadata: JsonMap,
     /// ferry dtype name of each tensor (bfloat16 arrays may be `uint16` bits).
     dtypes: Vec<(String, String)>,
+}
+
+impl Batch {
+    /// The sample ids, in row order.
+    pub(crate) fn ids(&self) -> &[String] {
+        &self.sample_ids
+    }
 }
 
 #[pymethods]

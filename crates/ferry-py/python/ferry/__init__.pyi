@@ -419,8 +419,37 @@ class Daemon:
 _Strategy = Literal["eagle3", "dflash", "domino"]
 
 @final
+class SampleRefQueue:
+    """The in-process staging queue a queue-mode :class:`FeatureLoader` reads (SpecForge's
+    ``SampleRefQueue``): refs only, FIFO, consume-once with leases. Open until :meth:`close`;
+    a loader leases ``batch_size`` refs once that many are pending (the rest once closed) and
+    its pass ends when the queue is closed and drained."""
+
+    def __new__(cls) -> SampleRefQueue: ...
+    def put(self, refs: SampleRef | Iterable[SampleRef]) -> int:
+        """Appends refs whose ids are neither pending nor in flight; returns how many.
+        ``InvalidArgumentError`` after :meth:`close`."""
+    def close(self) -> None:
+        """Ends the stream: loaders drain what is pending, then their passes end."""
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def depth(self) -> int:
+        """Refs waiting to be leased."""
+    @property
+    def in_flight(self) -> int:
+        """Refs leased and not yet acked or failed."""
+    def pending_ids(self) -> list[str]: ...
+    def in_flight_ids(self) -> list[str]: ...
+    def ack(self, ids: Batch | str | Iterable[str | SampleRef]) -> None:
+        """Settles leased refs (with ``defer_ack=True``, after the trainer's durable ack)."""
+    def fail(self, refs: SampleRef | Iterable[SampleRef], reason: str, retryable: bool = True) -> None:
+        """Gives leased refs back to the pending tail (``retryable``) or drops them."""
+
+@final
 class FeatureLoader:
-    """The feature loader over a fixed ref list (refs mode): refs + store -> collated batches.
+    """The feature loader: refs + store -> collated batches, over a fixed ref list (refs mode)
+    or a :class:`SampleRefQueue` (queue mode); exactly one of ``refs`` and ``queue``.
 
     Every ``iter(loader)`` is one pass (a :class:`Batches`), in batches of ``batch_size``, a
     short tail dropped when ``drop_last``; each batch is materialized with the GIL released
@@ -430,13 +459,23 @@ class FeatureLoader:
     seed=seed, drop_last=dp_drop_last)``, reshuffled per :meth:`set_epoch`. ``max_len`` cuts
     offline samples (default: each ref's ``metadata.max_len``). ``len(loader)`` is the batches
     of one full pass. An unknown ``strategy`` is an ``InvalidArgumentError`` naming the
-    registered ones. Queue mode (online) is not exposed yet.
+    registered ones.
+
+    Queue mode (online, consume-once): each pass leases ``batch_size`` refs as they arrive and
+    yields batches until the queue is closed and drained; a short tail is yielded
+    (``drop_last=False``) or failed and freed from the store. A batch is acked when the
+    consumer asks for the next one or closes the pass; ``defer_ack=True`` leaves that to the
+    caller (``queue.ack(batch)``). ``prefetch_depth`` (default ``num_workers``) batches are
+    materialized ahead on a Rust thread. One live pass at a time; the wait for refs runs
+    without the GIL and Ctrl-C ends it (``KeyboardInterrupt``; nothing leased is lost).
+    ``dp``/``rank``, :meth:`seek` and ``len()`` are refused.
     """
 
     def __init__(
         self,
         store: Store,
-        refs: Iterable[SampleRef],
+        refs: Iterable[SampleRef] | None = None,
+        queue: SampleRefQueue | None = None,
         *,
         batch_size: int = 1,
         drop_last: bool = True,
@@ -448,11 +487,20 @@ class FeatureLoader:
         shuffle: bool = True,
         dp_drop_last: bool = False,
         max_len: int | None = None,
+        prefetch_depth: int | None = None,
+        defer_ack: bool = False,
     ) -> None: ...
     def __iter__(self) -> Batches:
         """Starts a pass, consuming a pending :meth:`seek`."""
     def __len__(self) -> int:
-        """Batches one full pass yields (this rank's share with ``dp``)."""
+        """Batches one full pass yields (this rank's share with ``dp``); ``TypeError`` for a
+        queue."""
+    @property
+    def queue(self) -> SampleRefQueue | None: ...
+    @property
+    def prefetch_depth(self) -> int: ...
+    @property
+    def defer_ack(self) -> bool: ...
     @property
     def refs_per_pass(self) -> int: ...
     def seek(self, batches: int) -> None:
@@ -476,7 +524,8 @@ class FeatureLoader:
     def load_batch(self, refs: Iterable[SampleRef]) -> Batch:
         """``refs`` as one batch, now, exactly as a pass would build it."""
     def close(self) -> None:
-        """Nothing to release in refs mode; the loader stays usable."""
+        """Queue mode: ends the live pass (failing refs leased but never yielded) and every
+        later one. Refs mode: nothing to release; the loader stays usable."""
     def __enter__(self) -> FeatureLoader: ...
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
