@@ -721,6 +721,15 @@ impl Client {
         }
     }
 
+    /// The mapped shared-memory arena as `(address, length)` in this process, on the
+    /// shared-memory route (`None` otherwise): the range every [`Client::get_borrowed`] view
+    /// lies in. For diagnostics and tests.
+    pub fn shm_mapping(&self) -> Option<(usize, usize)> {
+        let arena = self.arena.as_ref()?;
+        let len = usize::try_from(arena.capacity()).ok()?;
+        arena.slice(0, len).ok().map(|s| (s.as_ptr() as usize, s.len()))
+    }
+
     /// Releases a read lease.
     pub fn release(&self, handle: &FeatureHandle) -> Result<()> {
         let meta = wire::encode(&wire::ReleaseRequest { handle: handle.clone() })?;

@@ -93,7 +93,7 @@ fn helper<'py>(py: Python<'py>, cell: &'static PyOnceLock<Py<PyAny>>, name: &str
 }
 
 /// The array-interface type string of a dtype (bfloat16 travels as its `uint16` bits).
-fn typestr(dtype: DType) -> &'static str {
+pub(crate) fn typestr(dtype: DType) -> &'static str {
     match dtype {
         DType::Float32 => "<f4",
         DType::Float64 => "<f8",
@@ -472,6 +472,30 @@ pub(crate) fn to_numpy<'py>(
         arr = arr.call_method1("view", (numpy_dtype(py, dtype, mode)?,))?;
     }
     Ok((arr, addr))
+}
+
+/// A read-only numpy array over memory ferry does not own (`owner` exports a read-only
+/// `__array_interface__` and is kept as the array's base): `Store.get(..., borrow=True)`. An
+/// empty tensor gets a fresh empty read-only array (no address to show).
+pub(crate) fn borrowed_to_numpy<'py>(
+    py: Python<'py>,
+    owner: Bound<'py, PyAny>,
+    dtype: DType,
+    shape: &[u64],
+    nbytes: usize,
+    mode: Bf16Mode,
+) -> PyResult<Bound<'py, PyAny>> {
+    let np = numpy(py)?;
+    if nbytes == 0 {
+        let arr = np.empty.bind(py).call1((PyTuple::new(py, shape)?, numpy_dtype(py, dtype, mode)?))?;
+        arr.getattr("flags")?.setattr("writeable", false)?;
+        return Ok(arr);
+    }
+    let mut arr = np.asarray.bind(py).call1((owner,))?;
+    if dtype == DType::BFloat16 && mode == Bf16Mode::MlDtypes {
+        arr = arr.call_method1("view", (numpy_dtype(py, dtype, mode)?,))?;
+    }
+    Ok(arr)
 }
 
 /// Parses a `dtypes={name: "bfloat16"}` override.

@@ -24,6 +24,7 @@
 
 mod arrays;
 mod backend;
+mod borrow;
 mod control;
 mod daemon;
 mod dlpack;
@@ -49,6 +50,8 @@ fn ferry_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::Lease>()?;
     m.add_class::<daemon::Daemon>()?;
     m.add_class::<arrays::OwnedBuffer>()?;
+    m.add_class::<borrow::BorrowedBuffer>()?;
+    m.add_function(wrap_pyfunction!(borrow::debug_borrow, m)?)?;
     m.add_class::<dlpack::DLPackTensor>()?;
     m.add_function(wrap_pyfunction!(dlpack::dlpack_exporter, m)?)?;
     m.add_function(wrap_pyfunction!(dlpack::debug_dlpack, m)?)?;

@@ -7,6 +7,7 @@
 //! the `with` block, calling `release()`, or dropping the last reference releases it.
 
 use crate::arrays::{self, Bf16Mode, OutArray, PutArray, TraceOp};
+use crate::borrow;
 use crate::errors::{IntoPyResult, invalid, to_py};
 use crate::pyjson;
 use crate::records::{PyFeatureHandle, PyFeatureSpec, PySampleRef};
@@ -68,6 +69,7 @@ pub(crate) fn open_store(
 ) -> PyResult<Store> {
     let bf16 = Bf16Mode::parse(py, bfloat16)?;
     let daemon = uri.starts_with("ferry://") || uri.starts_with("ferry+unix://");
+    let mut daemon_client: Option<Arc<Client>> = None;
     let api: Api = if daemon {
         let store_side = [
             ("credential", credential.is_some()),
@@ -93,7 +95,9 @@ pub(crate) fn open_store(
                 if owning { Client::connect_owning_with(&uri, options) } else { Client::connect_with(&uri, options) }
             })
             .py_err(py)?;
-        Arc::new(client)
+        let client = Arc::new(client);
+        daemon_client = Some(Arc::clone(&client));
+        client
     } else {
         if route != "auto" || owning {
             return Err(invalid(
@@ -114,7 +118,13 @@ pub(crate) fn open_store(
         let store = py.detach(move || ferry_store::open_store(&uri, options)).py_err(py)?;
         Arc::new(store)
     };
-    Ok(Store { store_id: api.store_id().as_str().to_owned(), api: Mutex::new(Some(api)), uri: uri.to_owned(), bf16 })
+    Ok(Store {
+        store_id: api.store_id().as_str().to_owned(),
+        api: Mutex::new(Some(api)),
+        client: Mutex::new(daemon_client),
+        uri: uri.to_owned(),
+        bf16,
+    })
 }
 
 /// A feature store: put samples, read them under leases, free them. Opened by
@@ -123,6 +133,9 @@ pub(crate) fn open_store(
 pub(crate) struct Store {
     /// `None` once closed. Leases hold their own reference, so they can still be released.
     api: Mutex<Option<Api>>,
+    /// The same store as a daemon client (`None` for other stores, and once closed): what
+    /// `get(..., borrow=True)` borrows from. Borrowed arrays hold their own reference.
+    client: Mutex<Option<Arc<Client>>>,
     uri: String,
     store_id: String,
     bf16: Bf16Mode,
@@ -142,7 +155,13 @@ impl Store {
 
     /// A `Store` over a store opened elsewhere (`open_store_with_backend`).
     pub(crate) fn from_api(api: Arc<dyn FeatureStoreApi>, uri: String, bf16: Bf16Mode) -> Store {
-        Store { store_id: api.store_id().as_str().to_owned(), api: Mutex::new(Some(api)), uri, bf16 }
+        Store {
+            store_id: api.store_id().as_str().to_owned(),
+            api: Mutex::new(Some(api)),
+            client: Mutex::new(None),
+            uri,
+            bf16,
+        }
     }
 }
 
@@ -252,12 +271,40 @@ impl Store {
     /// read lease. Returns a `Lease`: a mapping of feature name -> array, and a context manager
     /// that releases the lease on exit. The arrays own their memory (ferry's buffers, wrapped
     /// without a copy): they stay valid after the lease is released.
-    #[pyo3(signature = (r#ref, names = None))]
-    fn get(&self, py: Python<'_>, r#ref: &Bound<'_, PySampleRef>, names: Option<Vec<String>>) -> PyResult<Py<Lease>> {
+    ///
+    /// `borrow=True` (a daemon client on the shared-memory route, `ferry+unix://`, only; other
+    /// stores raise `InvalidArgumentError`) copies nothing at all: the arrays are read-only
+    /// views of the daemon's arena as mapped in this process, and they pin the sample's bytes
+    /// through its read lease. Releasing such a `Lease` (`release()`, the end of the `with`
+    /// block) empties it, and the read lease itself is released once the last array taken out
+    /// of it is collected too (at once when none is alive). An abort never reuses bytes an
+    /// array still shows.
+    #[pyo3(signature = (r#ref, names = None, *, borrow = false))]
+    fn get(
+        &self,
+        py: Python<'_>,
+        r#ref: &Bound<'_, PySampleRef>,
+        names: Option<Vec<String>>,
+        borrow: bool,
+    ) -> PyResult<Py<Lease>> {
         let r = r#ref;
         let api = self.api(py)?;
         let wanted: Option<Vec<&str>> = names.as_ref().map(|n| n.iter().map(String::as_str).collect());
         let sample = r.get().inner.clone();
+        if borrow {
+            let client = self.client.lock().map_err(|_| invalid(py, "store lock poisoned"))?.clone();
+            let client = client.ok_or_else(|| borrow::refused(py, &self.uri))?;
+            let (pinned, parts) = py
+                .detach(|| borrow::Pinned::borrow(client, &sample, wanted.as_deref()))
+                .map_err(|e| match e {
+                    Error::InvalidArgument(m) => Error::InvalidArgument(format!("borrow=True: {m}")),
+                    e => e,
+                })
+                .py_err(py)?;
+            let (out, trace) = borrow::to_numpy(py, &pinned, parts, self.bf16)?;
+            arrays::trace(TraceOp::Get, trace);
+            return Lease::new_borrowed(api, pinned, out, r);
+        }
         let (tensors, handle) = py.detach(|| api.get(&sample, wanted.as_deref())).py_err(py)?;
         match tensors_to_numpy(py, tensors, self.bf16) {
             Ok((out, trace)) => {
@@ -320,7 +367,7 @@ impl Store {
     /// store retains on release.
     fn release(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
         if let Ok(lease) = handle.cast::<Lease>() {
-            return lease.get().release(py);
+            return Lease::release(lease);
         }
         let Ok(h) = handle.cast::<PyFeatureHandle>() else {
             return Err(pyo3::exceptions::PyTypeError::new_err(format!(
@@ -330,6 +377,15 @@ impl Store {
         };
         let api = self.api(py)?;
         let h = h.get().inner.clone();
+        if borrow::is_pinned(&h) {
+            return Err(invalid(
+                py,
+                format!(
+                    "the lease on sample {:?} pins borrowed arrays (get(..., borrow=True)): release its Lease; the lease ends when the last array over it is collected",
+                    h.sample_id.as_str()
+                ),
+            ));
+        }
         py.detach(|| api.release(&h)).py_err(py)
     }
 
@@ -419,6 +475,14 @@ impl Store {
         pyjson::to_py(py, &report)
     }
 
+    /// Debugging aid for tests: `(address, length)` of the daemon's shared-memory arena as
+    /// mapped in this process (where `get(..., borrow=True)` arrays lie), or `None` (not a
+    /// daemon client on the shared-memory route, or closed).
+    fn _debug_shm_mapping(&self, py: Python<'_>) -> PyResult<Option<(usize, usize)>> {
+        let client = self.client.lock().map_err(|_| invalid(py, "store lock poisoned"))?;
+        Ok(client.as_ref().and_then(|c| c.shm_mapping()))
+    }
+
     /// The health map (SpecForge's `health()` keys plus ferry's).
     fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let api = self.api(py)?;
@@ -435,7 +499,8 @@ impl Store {
     /// Closes the store (a daemon connection is closed). Leases still held can be released.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let api = self.api.lock().map_err(|_| invalid(py, "store lock poisoned"))?.take();
-        py.detach(move || drop(api));
+        let client = self.client.lock().map_err(|_| invalid(py, "store lock poisoned"))?.take();
+        py.detach(move || drop((api, client)));
         Ok(())
     }
 
@@ -557,6 +622,10 @@ pub(crate) struct Lease {
     handle: FeatureHandle,
     released: AtomicBool,
     r: Py<PySampleRef>,
+    /// A borrowed read (`get(..., borrow=True)`): the pin, which owns the read lease. Taken
+    /// out on release; the arrays hold their own references.
+    pinned: Mutex<Option<Arc<borrow::Pinned>>>,
+    borrowed: bool,
 }
 
 #[pymethods]
@@ -586,20 +655,40 @@ impl Lease {
         TO_TORCH.import(py, "ferry._arrays", "_to_torch_dict")?.call1((tensors, dtypes))
     }
 
-    /// Whether the lease has been released.
+    /// Whether the lease has been released (for a borrowed `Lease`: given up by this
+    /// object; the daemon's lease ends when the last array over it is collected too).
     #[getter]
     fn released(&self) -> bool {
         self.released.load(Ordering::SeqCst)
     }
 
+    /// Whether the arrays are borrowed views of a daemon's shared memory
+    /// (`get(..., borrow=True)`).
+    #[getter]
+    fn borrowed(&self) -> bool {
+        self.borrowed
+    }
+
     /// Releases the lease (idempotent). The last lease on a sample frees it unless the store
     /// retains on release. Arrays from `get` stay valid.
-    fn release(&self, py: Python<'_>) -> PyResult<()> {
-        if self.released.swap(true, Ordering::SeqCst) {
+    ///
+    /// A borrowed `Lease` is emptied, and its read lease is released once no array over it
+    /// is alive: at once if none was taken out, else when the last one is collected (the
+    /// arrays pin the bytes until then).
+    fn release(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        if this.released.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        if let Err(e) = py.detach(|| self.api.release(&self.handle)) {
-            self.released.store(false, Ordering::SeqCst);
+        if this.borrowed {
+            slf.as_super().get().dict(py).clear();
+            let pinned = this.pinned.lock().map_err(|_| invalid(py, "lease lock poisoned"))?.take();
+            py.detach(move || drop(pinned));
+            return Ok(());
+        }
+        if let Err(e) = py.detach(|| this.api.release(&this.handle)) {
+            this.released.store(false, Ordering::SeqCst);
             return Err(to_py(py, &e));
         }
         Ok(())
@@ -611,13 +700,12 @@ impl Lease {
 
     #[pyo3(signature = (exc_type, _exc_value, _traceback))]
     fn __exit__(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         exc_type: &Bound<'_, PyAny>,
         _exc_value: &Bound<'_, PyAny>,
         _traceback: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
-        let released = self.release(py);
+        let released = Lease::release(slf);
         // An exception already leaving the block wins over a failed release.
         if exc_type.is_none() {
             released?;
@@ -651,14 +739,42 @@ impl Lease {
         r: &Bound<'_, PySampleRef>,
     ) -> PyResult<Py<Lease>> {
         let py = tensors.py();
-        let lease = Lease { api, handle, released: AtomicBool::new(false), r: r.clone().unbind() };
+        let lease = Lease {
+            api,
+            handle,
+            released: AtomicBool::new(false),
+            r: r.clone().unbind(),
+            pinned: Mutex::new(None),
+            borrowed: false,
+        };
+        Py::new(py, PyClassInitializer::from(TensorMapping::over(tensors)).add_subclass(lease))
+    }
+
+    /// A `Lease` over borrowed arrays: releasing it drops its reference to `pinned`.
+    fn new_borrowed(
+        api: Api,
+        pinned: Arc<borrow::Pinned>,
+        tensors: Bound<'_, PyDict>,
+        r: &Bound<'_, PySampleRef>,
+    ) -> PyResult<Py<Lease>> {
+        let py = tensors.py();
+        let lease = Lease {
+            api,
+            handle: pinned.handle().clone(),
+            released: AtomicBool::new(false),
+            r: r.clone().unbind(),
+            pinned: Mutex::new(Some(pinned)),
+            borrowed: true,
+        };
         Py::new(py, PyClassInitializer::from(TensorMapping::over(tensors)).add_subclass(lease))
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        // A borrowed lease's pin (its `pinned` field) releases itself with its last holder.
         if !self.released.swap(true, Ordering::SeqCst)
+            && !self.borrowed
             && let Err(e) = self.api.release(&self.handle)
         {
             tracing::warn!(error = %e, sample = %self.handle.sample_id.as_str(), "releasing a dropped lease");

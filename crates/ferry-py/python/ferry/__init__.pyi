@@ -290,13 +290,20 @@ class Store:
         A full store raises ``StoreFullError`` (a ``MemoryError``) at once; with ``timeout``
         (seconds) the put waits that long for room, interruptible by Ctrl-C.
         """
-    def get(self, ref: SampleRef, names: list[str] | None = None) -> Lease:
+    def get(self, ref: SampleRef, names: list[str] | None = None, *, borrow: bool = False) -> Lease:
         """Reads a sample's features (all, or ``names``) under a read lease.
 
         Returns a ``Lease`` mapping name -> numpy array. The arrays own their memory (ferry's
         aligned buffers, wrapped without a copy): they stay valid after the lease ends.
         Raises ``StaleRefError`` / ``UseAfterFreeError`` / ``NotFoundError`` (``KeyError``s)
         when the ref's sample is gone.
+
+        ``borrow=True`` copies nothing: the arrays are read-only views of a daemon's
+        shared-memory arena as mapped in this process (a daemon client on the shared-memory
+        route, ``ferry+unix://``, only; other stores raise ``InvalidArgumentError``). The views
+        pin the bytes through the read lease: releasing the ``Lease`` empties it, and the read
+        lease ends once the last array taken out of it is collected too. An abort refuses later
+        reads but never reuses bytes a view still shows.
         """
     def get_into(self, ref: SampleRef, out: dict[str, Any]) -> Lease:
         """Reads features into the caller's arrays (``out``: name -> numpy array or CPU torch
@@ -307,7 +314,8 @@ class Store:
     def describe(self, ref: SampleRef) -> dict[str, FeatureSpec]:
         """The specs of a sample's features, as the store holds them."""
     def release(self, handle: Lease | FeatureHandle) -> None:
-        """Releases a read lease (idempotent; a stale handle releases nothing)."""
+        """Releases a read lease (idempotent; a stale handle releases nothing). The handle of
+        a borrowed lease whose arrays are alive is refused (``InvalidArgumentError``)."""
     def abort(self, sample_id: str) -> None:
         """Frees a sample now, whoever holds leases; their later reads are refused."""
     def abort_all(self) -> int:
@@ -365,8 +373,12 @@ class Lease(Mapping[str, Any]):
     def ref(self) -> SampleRef: ...
     @property
     def released(self) -> bool: ...
+    @property
+    def borrowed(self) -> bool:
+        """Whether the arrays are views of a daemon's shared memory (``get(..., borrow=True)``)."""
     def release(self) -> None:
-        """Releases the lease (idempotent). Arrays from ``get`` stay valid."""
+        """Releases the lease (idempotent). Arrays from ``get`` stay valid. A borrowed lease
+        is emptied; its read lease ends when the last array taken out of it is collected."""
     def to_torch(self) -> dict[str, Any]:
         """The tensors as torch tensors over the same memory (bfloat16 as ``torch.bfloat16``)."""
     def __enter__(self) -> Lease: ...
