@@ -92,14 +92,11 @@ impl Plan {
 
 /// `--hold-timeout`: a positive number of seconds, for an ingest that holds.
 fn hold_timeout(seconds: f64, holds: bool, store: &str) -> Result<Duration> {
-    if !(seconds.is_finite() && seconds > 0.0) {
-        bail!("--hold-timeout must be a positive number of seconds, got {seconds}");
-    }
+    let timeout = crate::stores::seconds(seconds, "--hold-timeout")?;
     if !holds {
         bail!("--hold-timeout {seconds}: ingest into {store} does not hold (see --hold); add --hold always or drop it");
     }
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| anyhow::anyhow!("--hold-timeout must be a positive number of seconds, got {seconds}"))
+    Ok(timeout)
 }
 
 /// Opens the store: a daemon's client, or a shared directory in this process (wrapped to crash

@@ -390,6 +390,24 @@ pub(crate) fn check_disjoint(py: Python<'_>, outs: &[(String, OutArray<'_>)]) ->
     Ok(())
 }
 
+/// numpy's array interface (version 3) for `shape` elements of `typestr` at `addr`, C-contiguous:
+/// what every ferry-owned or borrowed buffer hands numpy instead of its bytes.
+pub(crate) fn array_interface<'py>(
+    py: Python<'py>,
+    shape: &[u64],
+    typestr: &str,
+    addr: usize,
+    readonly: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("version", 3)?;
+    d.set_item("shape", PyTuple::new(py, shape)?)?;
+    d.set_item("typestr", typestr)?;
+    d.set_item("data", (addr, readonly))?;
+    d.set_item("strides", py.None())?;
+    Ok(d)
+}
+
 /// A ferry buffer that numpy wraps without a copy (through `__array_interface__`); the array
 /// keeps it as its `base`, so the memory lives exactly as long as the last array over it.
 #[pyclass(frozen, weakref, module = "ferry", name = "_OwnedBuffer")]
@@ -408,13 +426,7 @@ impl OwnedBuffer {
     /// numpy's array interface (version 3): the buffer as a writable C-contiguous array.
     #[getter(__array_interface__)]
     fn array_interface<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        d.set_item("version", 3)?;
-        d.set_item("shape", PyTuple::new(py, &self.shape)?)?;
-        d.set_item("typestr", self.typestr)?;
-        d.set_item("data", (self.addr, false))?;
-        d.set_item("strides", py.None())?;
-        Ok(d)
+        array_interface(py, &self.shape, self.typestr, self.addr, false)
     }
 
     /// Address of the first byte (what numpy's `__array_interface__["data"][0]` shows).

@@ -20,7 +20,7 @@ use crate::errors::invalid;
 use ferry_core::{DType, FeatureHandle, Result, SampleRef};
 use ferry_net::{BorrowedSample, Client};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyDict;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -128,13 +128,7 @@ impl BorrowedBuffer {
     /// numpy's array interface (version 3): the bytes as a read-only C-contiguous array.
     #[getter(__array_interface__)]
     fn array_interface<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        d.set_item("version", 3)?;
-        d.set_item("shape", PyTuple::new(py, &self.shape)?)?;
-        d.set_item("typestr", self.typestr)?;
-        d.set_item("data", (self.addr, true))?;
-        d.set_item("strides", py.None())?;
-        Ok(d)
+        arrays::array_interface(py, &self.shape, self.typestr, self.addr, true)
     }
 
     /// Address of the first byte, inside the daemon's arena as mapped in this process.

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,15 +44,15 @@ def fixtures_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def daemon():
-    """A node daemon in a child process (loopback TCP and a Unix socket, a 64 MiB shared-memory
-    arena, a secret), stopped at the end of the session."""
-    tmp = tempfile.mkdtemp(prefix="ferry-py-")
+@contextlib.contextmanager
+def daemon_process(capacity: int, prefix: str = "ferry-py-"):
+    """A node daemon in a child process (loopback TCP and a Unix socket, a `capacity`-byte
+    shared-memory arena, the test secret), stopped when the block ends."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
     socket = os.path.join(tmp, "d.sock")
     env = dict(os.environ, FERRY_TEST_SECRET=SECRET)
     proc = subprocess.Popen(
-        [sys.executable, "-c", DAEMON_MAIN, socket, str(DAEMON_CAPACITY)],
+        [sys.executable, "-c", DAEMON_MAIN, socket, str(capacity)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
@@ -70,6 +71,13 @@ def daemon():
             proc.kill()
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon():
+    """The session's daemon (a 64 MiB arena), shared by every test that needs one."""
+    with daemon_process(DAEMON_CAPACITY) as info:
+        yield info
 
 
 BACKENDS = ["mem", "dir", "tcp", "unix"]

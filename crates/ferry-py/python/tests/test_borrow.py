@@ -14,38 +14,16 @@ import time
 
 import numpy as np
 import pytest
-from conftest import DAEMON_MAIN, SECRET, sid
+from conftest import daemon_process, sid
 
 import ferry
 
 
 @pytest.fixture(scope="module")
 def own_daemon():
-    """A daemon of this module's own (started like conftest's), so its `active_leases` counts
-    only this module's leases."""
-    tmp = tempfile.mkdtemp(prefix="ferry-borrow-")
-    socket = os.path.join(tmp, "d.sock")
-    env = dict(os.environ, FERRY_TEST_SECRET=SECRET)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DAEMON_MAIN, socket, str(16 << 20)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line, f"the daemon process exited with {proc.wait()}"
-        uris = json.loads(line)
-        yield {"tcp": uris["tcp"], "unix": uris["unix"], "secret": SECRET}
-    finally:
-        try:
-            proc.stdin.close()
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    """A daemon of this module's own, so its `active_leases` counts only this module's leases."""
+    with daemon_process(16 << 20, prefix="ferry-borrow-") as info:
+        yield info
 
 
 @pytest.fixture
