@@ -494,6 +494,18 @@ pub(crate) struct ConsumeArgs {
     /// rank 0 or on `--rank`.
     #[arg(long, hide = true, value_name = "POINT", value_parser = Fault::parse)]
     pub(crate) fault: Option<Fault>,
+    /// Online, the process running rank 0: serve every rank's inbox over HTTP at
+    /// `http://<bind host>:<port>` (port 0: an ephemeral one; the origin is printed on stderr),
+    /// so ranks without the state directory read theirs with `--inbox-url` (SpecForge's HTTP
+    /// inbox relay: no authentication, a private network only).
+    #[arg(long, value_name = "ORIGIN")]
+    pub(crate) inbox_serve: Option<String>,
+    /// Online: ranks other than 0 read their inbox from rank 0's relay at `http://host:port`
+    /// instead of the state directory. Rank 0 serves on that port, bound to
+    /// `DISAGG_INBOX_SERVER_BIND_HOST` (default every interface), unless `--inbox-serve` says
+    /// where.
+    #[arg(long, value_name = "ORIGIN", env = "DISAGG_INBOX_SERVER_URL")]
+    pub(crate) inbox_url: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,

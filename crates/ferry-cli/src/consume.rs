@@ -8,6 +8,11 @@
 //! | `--manifest <path>` (disaggregated offline) | the manifest, after `.done` | `--store` (shared dir or daemon) | epochs, DP shards; `.consumed` / `.consumer_failed` |
 //! | `--control <dir>` (online) | rank 0's distributor → per-rank inboxes | `--store` | consume-once, durable ack per optimizer step, `--resume` |
 //!
+//! Online, ranks other than 0 can read their inbox over HTTP from rank 0 instead of the state
+//! directory (SpecForge's inbox relay, `ferry_control::http_inbox`): rank 0 serves it with
+//! `--inbox-serve` (or on `--inbox-url`'s port), the others read `--inbox-url`
+//! (`DISAGG_INBOX_SERVER_URL`).
+//!
 //! Ranks are threads of this process, or separate processes (`--rank`, `--group`). The
 //! "training step" is [`crate::train::batch_checksums`] over each batch the loader yields,
 //! recorded per sample (`--checksums`), and offline the batches' composition (`--batches`), so
@@ -22,6 +27,7 @@ use anyhow::{Context, Result, bail};
 use ferry_control::OfflineControl;
 use ferry_control::channel::{FileRefChannel, RefSink, sidecar};
 use ferry_control::collective::{Collective, GroupAddress, LocalGroup, SocketGroup};
+use ferry_control::http_inbox::{self, InboxHttpServer, RemoteInbox};
 use ferry_control::offline_consumer::run_offline_rank;
 use ferry_control::online::{ConsumerConfig, agree_on_rank0_setup, run_rank_with};
 use ferry_core::{SampleRef, TrainBatch};
@@ -101,6 +107,12 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
             ("--resume", args.resume),
             ("--idle-timeout", args.idle_timeout.is_some()),
             ("--state", args.state.is_some()),
+            ("--inbox-serve", args.inbox_serve.is_some()),
+            // From the environment it is SpecForge's launcher setting, which offline runs ignore.
+            (
+                "--inbox-url",
+                args.inbox_url.is_some() && std::env::var_os(ferry_control::http_inbox::SERVER_URL_ENV).is_none(),
+            ),
         ];
         if let Some((flag, _)) = online_only.iter().find(|(_, set)| *set) {
             bail!("{flag} applies to the online consumer (--control); offline runs re-read their refs every epoch");
@@ -246,24 +258,33 @@ fn online(args: &ConsumeArgs, control: &Path, records: &Arc<Records>) -> Result<
         idle_timeout: args.idle_timeout.map(|s| seconds(s, "--idle-timeout")).transpose()?,
         poll: Duration::from_millis(2),
     };
+    // The relay starts before the group's rendezvous: a rank in another process may need its
+    // printed port to start, and no rank reads its inbox before rank 0's setup is agreed.
+    let relay = InboxRelay::start(args, &config)?;
     let (groups, link) = groups(args)?;
+    let remote: Vec<Option<Arc<RemoteInbox>>> =
+        groups.iter().map(|g| relay.inbox_for(g.rank())).collect::<Result<_>>()?;
     if let Some(link) = link {
         // A rank in its own process: if rank 0's process dies before the attempt is done, fail
         // this rank's inbox, so a rank waiting for its next step stops (see `crate::liveness`).
         let rank = groups.first().map_or(0, |g| g.rank());
         let (channel, inbox) = (config.channel.clone(), FileRefChannel::inbox(&config.inbox_dir, rank));
+        let remote_inbox = remote.first().cloned().flatten();
         link.watch(move || {
             if !sidecar::exists(&channel, sidecar::CONSUMER_DONE) {
                 let reason = format!(
                     "ConnectionError: consumer rank 0 (the ref distributor) is gone: its process ended while rank \
                      {rank} waited for its next step (see rank 0's error)"
                 );
-                if let Err(e) = RefSink::fail(&inbox, &reason) {
+                if let Some(remote) = &remote_inbox {
+                    remote.poison(&reason);
+                } else if let Err(e) = RefSink::fail(&inbox, &reason) {
                     tracing::error!(error = %e, "could not fail the inbox after rank 0 was gone");
                 }
             }
         })?;
     }
+    let remote = Mutex::new(groups.iter().map(|g| g.rank()).zip(remote).collect::<Vec<_>>());
     // One store client per rank, opened here where a failure is the role's error.
     let stores = Mutex::new(groups.iter().map(|_| open_any(&store_uri)).collect::<Result<Vec<_>>>()?);
     let (strategy, records) = (args.strategy.clone(), Arc::clone(records));
@@ -275,9 +296,17 @@ fn online(args: &ConsumeArgs, control: &Path, records: &Arc<Records>) -> Result<
             .pop()
             .ok_or_else(|| ferry_core::Error::InvalidArgument("more ranks than opened stores".into()))?;
         let fault = fault.on(group.rank());
-        let rank = OnlineRank { strategy: &strategy, checkpoint: Some(&checkpoint_path), fault };
+        let inbox = remote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(r, _)| *r == group.rank())
+            .and_then(|(_, inbox)| inbox.clone())
+            .map(|i| i as Arc<dyn ferry_control::channel::RefSource>);
+        let rank = OnlineRank { strategy: &strategy, checkpoint: Some(&checkpoint_path), fault, inbox };
         rank.run(&config, group, store, &records)
     })?;
+    relay.stop();
     let failure = first_failure(&mut results, "online consumer");
     let steps = results.iter().filter_map(|r| r.as_ref().ok()).map(|(s, _)| *s).max().unwrap_or(0);
     let mut summary = Summary::new();
@@ -294,6 +323,9 @@ pub(crate) struct OnlineRank<'a> {
     /// Fault injection (`--fault`): crash before a step's durable ack, after it, or after its
     /// checkpoint.
     pub(crate) fault: Option<Fault>,
+    /// The rank's inbox when it is not the file under the state directory (a rank other than 0
+    /// reading rank 0's HTTP relay).
+    pub(crate) inbox: Option<Arc<dyn ferry_control::channel::RefSource>>,
 }
 
 impl OnlineRank<'_> {
@@ -319,50 +351,140 @@ impl OnlineRank<'_> {
         let step_done = Cell::new(Instant::now());
         // The global step the next `train` call trains (a resume continues the checkpoint's).
         let training = Cell::new(config.checkpoint_step + 1);
-        let result = run_rank_with(
-            config,
-            group,
-            rank0.as_ref(),
-            Some(store),
-            |step| {
-                records.waited(step_done.get());
-                for micro_batch in step.iter().filter(|refs| !refs.is_empty()) {
-                    records.record(&loader.load_batch(micro_batch)?, None)?;
-                }
-                if let Some(fault @ Fault::BeforeAck(k)) = self.fault
-                    && k == training.get()
-                {
-                    fault::fire(fault);
-                }
-                Ok(())
-            },
-            |step| {
-                step_done.set(Instant::now());
-                training.set(step + 1);
-                if let Some(fault @ Fault::AfterAck(k)) = self.fault
-                    && k == step
-                {
-                    fault::fire(fault);
-                }
-                if rank == 0
-                    && let Some(path) = self.checkpoint
-                {
-                    save_checkpoint(path, step)?;
-                }
-                if let Some(fault @ Fault::AfterCheckpoint(k)) = self.fault
-                    && k == step
-                {
-                    fault::fire(fault);
-                }
-                Ok(())
-            },
-        );
+        let train = |step: &[Vec<SampleRef>]| {
+            records.waited(step_done.get());
+            for micro_batch in step.iter().filter(|refs| !refs.is_empty()) {
+                records.record(&loader.load_batch(micro_batch)?, None)?;
+            }
+            if let Some(fault @ Fault::BeforeAck(k)) = self.fault
+                && k == training.get()
+            {
+                fault::fire(fault);
+            }
+            Ok(())
+        };
+        let on_durable = |step: i64| {
+            step_done.set(Instant::now());
+            training.set(step + 1);
+            if let Some(fault @ Fault::AfterAck(k)) = self.fault
+                && k == step
+            {
+                fault::fire(fault);
+            }
+            if rank == 0
+                && let Some(path) = self.checkpoint
+            {
+                save_checkpoint(path, step)?;
+            }
+            if let Some(fault @ Fault::AfterCheckpoint(k)) = self.fault
+                && k == step
+            {
+                fault::fire(fault);
+            }
+            Ok(())
+        };
+        let result = match &self.inbox {
+            Some(inbox) if rank != 0 => ferry_control::http_inbox::rank::run_rank_over(
+                config,
+                group,
+                Arc::clone(inbox),
+                Some(store),
+                train,
+                on_durable,
+            ),
+            _ => run_rank_with(config, group, rank0.as_ref(), Some(store), train, on_durable),
+        };
         if let Some(d) = distributor {
             let _ = d.stop();
         }
         result.map(|r| (r.steps, r.refs))
     }
 }
+
+/// The HTTP inbox relay of this process (`--inbox-serve`, `--inbox-url`): rank 0's server,
+/// and where the ranks other than 0 read their inboxes.
+struct InboxRelay {
+    server: Option<InboxHttpServer>,
+    read_from: Option<String>,
+}
+
+impl InboxRelay {
+    /// Starts rank 0's server if this process runs rank 0 and a relay is asked for.
+    fn start(args: &ConsumeArgs, config: &ConsumerConfig) -> Result<InboxRelay> {
+        let runs_rank0 = args.rank.is_none_or(|r| r == 0);
+        if !runs_rank0 && args.inbox_serve.is_some() {
+            bail!(
+                "--inbox-serve applies to the process running rank 0; rank {} reads with --inbox-url",
+                args.rank.unwrap_or(0)
+            );
+        }
+        let listen = match (&args.inbox_serve, &args.inbox_url) {
+            (Some(serve), _) => {
+                let origin = http_inbox::Origin::parse(serve)?;
+                Some((serve.clone(), origin.host().to_owned()))
+            }
+            (None, Some(url)) => {
+                let bind = std::env::var(http_inbox::BIND_HOST_ENV)
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| http_inbox::DEFAULT_BIND_HOST.to_owned());
+                Some((url.clone(), bind))
+            }
+            (None, None) => None,
+        };
+        let server = match listen {
+            Some((origin, bind)) if runs_rank0 => {
+                let server = InboxHttpServer::new(&config.inbox_dir, config.dp_size, &origin, &bind)
+                    .context("--inbox-serve / --inbox-url: rank 0's inbox relay")?;
+                let addr = server.start().context("starting rank 0's inbox relay")?;
+                eprintln!(
+                    "ferry consume: serving the rank inboxes of {} at {} (listening on {addr})",
+                    config.inbox_dir.display(),
+                    server.origin()
+                );
+                Some(server)
+            }
+            _ => None,
+        };
+        // Ranks in this process read the given origin, or (all ranks as threads) the server.
+        let read_from = match (&args.inbox_url, &server) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(server)) if args.rank.is_none() => {
+                let origin = server.origin();
+                let host = match origin.host() {
+                    "0.0.0.0" => "127.0.0.1",
+                    "::" => "::1",
+                    other => other,
+                };
+                Some(http_inbox::Origin::new(host, origin.port())?.to_string())
+            }
+            _ => None,
+        };
+        Ok(InboxRelay { server, read_from })
+    }
+
+    /// Rank `rank`'s remote inbox, if it reads one (rank 0 always reads its file).
+    fn inbox_for(&self, rank: usize) -> Result<Option<Arc<RemoteInbox>>> {
+        match &self.read_from {
+            Some(origin) if rank != 0 => {
+                Ok(Some(Arc::new(RemoteInbox::new(origin, rank, INBOX_HTTP_TIMEOUT).context("--inbox-url")?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Stops rank 0's server (after every rank of this process is done).
+    fn stop(&self) {
+        if let Some(server) = &self.server
+            && let Err(e) = server.stop()
+        {
+            tracing::warn!(error = %e, "rank 0's inbox relay did not stop cleanly");
+        }
+    }
+}
+
+/// Each relay request's timeout (SpecForge's).
+const INBOX_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A `--fault` and the rank it fires on: rank 0, or this process's `--rank`.
 #[derive(Debug, Clone, Copy)]

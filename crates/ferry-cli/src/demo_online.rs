@@ -125,7 +125,7 @@ pub(crate) fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         let (config, records) = (consumer_config.clone(), Arc::clone(&records));
         let store = connect()?;
         ranks.push(std::thread::spawn(move || {
-            let rank = OnlineRank { strategy: shape.strategy.name(), checkpoint: None, fault: None };
+            let rank = OnlineRank { strategy: shape.strategy.name(), checkpoint: None, fault: None, inbox: None };
             rank.run(&config, Arc::new(group), store, &records).map(|_| ())
         }));
     }

@@ -13,6 +13,9 @@
 //!   reconciliation.
 //! * [`distributor`] — [`distributor::RefDistributor`]: rank 0's dispatch of whole optimizer
 //!   windows into per-rank inboxes, acks forwarded, the end-of-stream tail settled.
+//! * [`http_inbox`] — SpecForge's HTTP inbox relay: [`http_inbox::InboxHttpServer`] serves
+//!   rank 0's inbox files, [`http_inbox::RemoteInbox`] reads one as a [`channel::RefSource`] on
+//!   a node without the shared control directory.
 //! * [`dp_ack`] — [`dp_ack::DpAckController`]: the durable acknowledgement at optimizer
 //!   boundaries, in SpecForge's exact order.
 //! * [`online`] — the online consumer's assembly: rank 0's setup and resume checks, each rank's
@@ -43,6 +46,7 @@ pub mod controller;
 pub mod distributor;
 pub mod dp_ack;
 pub mod flow;
+pub mod http_inbox;
 pub mod ingest;
 pub mod ledger;
 pub mod manifest;

@@ -219,13 +219,27 @@ pub struct RankStream {
 }
 
 impl RankStream {
-    /// Rank `collective.rank()`'s stream. Rank 0 passes its [`Rank0::controller`]; other ranks
-    /// pass `None` (they keep a throwaway in-memory one). `store` is the rank's store client.
+    /// Rank `collective.rank()`'s stream from its inbox file under [`ConsumerConfig::inbox_dir`].
+    /// Rank 0 passes its [`Rank0::controller`]; other ranks pass `None` (they keep a throwaway
+    /// in-memory one). `store` is the rank's store client.
     pub fn new(
         config: &ConsumerConfig,
         collective: Arc<dyn Collective>,
         rank0_controller: Option<Arc<DataFlowController>>,
         store: Option<Arc<dyn FeatureStoreApi>>,
+    ) -> Result<RankStream> {
+        let inbox: Arc<dyn RefSource> = Arc::new(FileRefChannel::inbox(&config.inbox_dir, collective.rank()));
+        RankStream::with_inbox(config, collective, rank0_controller, store, inbox)
+    }
+
+    /// [`RankStream::new`] over any inbox source: a rank on another node reads its inbox over
+    /// HTTP ([`crate::http_inbox::RemoteInbox`]).
+    pub fn with_inbox(
+        config: &ConsumerConfig,
+        collective: Arc<dyn Collective>,
+        rank0_controller: Option<Arc<DataFlowController>>,
+        store: Option<Arc<dyn FeatureStoreApi>>,
+        inbox: Arc<dyn RefSource>,
     ) -> Result<RankStream> {
         let rank = collective.rank();
         if collective.world_size() != config.dp_size || rank >= config.dp_size {
@@ -252,7 +266,6 @@ impl RankStream {
                 Arc::new(InMemoryLedger::new()),
             )),
         };
-        let inbox: Arc<dyn RefSource> = Arc::new(FileRefChannel::inbox(&config.inbox_dir, rank));
         let queue = StreamingRefQueue::new(
             inbox,
             StreamQueueOptions {
@@ -341,13 +354,24 @@ impl RankStream {
 
 /// Rank 0's setup, agreed on by every rank (§14.3 steps 2-3): rank 0 runs [`setup_rank0`] and
 /// broadcasts how it went; if it failed, every rank fails with the same error ("online consumer
-/// rank-0 setup failed: ...") and `.consumer_failed` says why. Returns rank 0's state on rank 0,
-/// `None` elsewhere.
+/// rank-0 setup failed: ...") and `.consumer_failed` says why. A single rank has no one to tell:
+/// its setup error is returned as it is (SpecForge re-raises the original there, so a caller's
+/// `except ValueError` still catches a reused ledger). Returns rank 0's state on rank 0, `None`
+/// elsewhere.
 pub fn agree_on_rank0_setup(
     config: &ConsumerConfig,
     collective: &dyn Collective,
     store: Option<Arc<dyn FeatureStoreApi>>,
 ) -> Result<Option<Rank0>> {
+    if collective.world_size() == 1 {
+        return match setup_rank0(config, store) {
+            Ok(rank0) => Ok(Some(rank0)),
+            Err(e) => {
+                publish_consumer_failure(config, &e);
+                Err(e)
+            }
+        };
+    }
     let (rank0, failure) = if collective.rank() == 0 {
         match setup_rank0(config, store) {
             Ok(rank0) => (Some(rank0), None),
@@ -426,12 +450,29 @@ pub fn run_rank_with(
     collective: Arc<dyn Collective>,
     rank0: Option<&Rank0>,
     store: Option<Arc<dyn FeatureStoreApi>>,
+    train: impl FnMut(&[Vec<SampleRef>]) -> Result<()>,
+    on_durable: impl FnMut(i64) -> Result<()>,
+) -> Result<RankReport> {
+    run_rank_from(config, collective, rank0, store, None, train, on_durable)
+}
+
+/// [`run_rank_with`] reading the rank's inbox from `inbox` when given (a remote rank's
+/// [`crate::http_inbox::RemoteInbox`]), else from its file under [`ConsumerConfig::inbox_dir`].
+pub fn run_rank_from(
+    config: &ConsumerConfig,
+    collective: Arc<dyn Collective>,
+    rank0: Option<&Rank0>,
+    store: Option<Arc<dyn FeatureStoreApi>>,
+    inbox: Option<Arc<dyn RefSource>>,
     mut train: impl FnMut(&[Vec<SampleRef>]) -> Result<()>,
     mut on_durable: impl FnMut(i64) -> Result<()>,
 ) -> Result<RankReport> {
     let result = (|| -> Result<RankReport> {
-        let mut stream =
-            RankStream::new(config, Arc::clone(&collective), rank0.map(|r| Arc::clone(&r.controller)), store.clone())?;
+        let controller = rank0.map(|r| Arc::clone(&r.controller));
+        let mut stream = match inbox {
+            Some(inbox) => RankStream::with_inbox(config, Arc::clone(&collective), controller, store.clone(), inbox)?,
+            None => RankStream::new(config, Arc::clone(&collective), controller, store.clone())?,
+        };
         let mut report = RankReport { steps: 0, refs: 0, global_step: stream.global_step() };
         while let Some(step) = stream.next_step()? {
             train(&step)?;

@@ -59,8 +59,9 @@ pub struct DpSharding {
     pub dp: usize,
     /// This rank.
     pub rank: usize,
-    /// Sampler seed, the same on every rank.
-    pub seed: u64,
+    /// Sampler seed, the same on every rank: any integer torch's `manual_seed` takes,
+    /// `[-2**63, 2**64)` (negative seeds wrap modulo 2**64, as in torch).
+    pub seed: i128,
     /// Shuffle per epoch (`true`) or keep ref order.
     pub shuffle: bool,
     /// Drop the tail instead of padding every rank to the same count.
@@ -69,8 +70,8 @@ pub struct DpSharding {
 
 impl DpSharding {
     /// torch's defaults: shuffled, padded (`drop_last=False`).
-    pub fn new(dp: usize, rank: usize, seed: u64) -> Self {
-        DpSharding { dp, rank, seed, shuffle: true, drop_last: false }
+    pub fn new(dp: usize, rank: usize, seed: impl Into<i128>) -> Self {
+        DpSharding { dp, rank, seed: seed.into(), shuffle: true, drop_last: false }
     }
 
     fn shard(&self, n: usize, epoch: u64) -> DistributedShard {

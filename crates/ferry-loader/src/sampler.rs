@@ -147,8 +147,9 @@ pub struct DistributedShard {
     pub dp: usize,
     /// This rank, below `dp`.
     pub rank: usize,
-    /// The sampler seed (all ranks must agree).
-    pub seed: u64,
+    /// The sampler seed (all ranks must agree): `seed + epoch` must lie in `[-2**63, 2**64)`,
+    /// the range torch's `manual_seed` takes; a negative sum wraps modulo 2**64, as in torch.
+    pub seed: i128,
     /// The epoch (`set_epoch`); the permutation is seeded with `seed + epoch`.
     pub epoch: u64,
     /// Shuffle with torch's `randperm` (`true`, the default) or keep `0..n` order.
@@ -160,8 +161,8 @@ pub struct DistributedShard {
 
 impl DistributedShard {
     /// `DistributedSampler(shuffle=True, seed, drop_last=False)` at `epoch`.
-    pub fn new(n: usize, dp: usize, rank: usize, seed: u64, epoch: u64) -> Self {
-        DistributedShard { n, dp, rank, seed, epoch, shuffle: true, drop_last: false }
+    pub fn new(n: usize, dp: usize, rank: usize, seed: impl Into<i128>, epoch: u64) -> Self {
+        DistributedShard { n, dp, rank, seed: seed.into(), epoch, shuffle: true, drop_last: false }
     }
 
     fn check(&self) -> Result<()> {
@@ -192,12 +193,15 @@ impl DistributedShard {
             .checked_mul(self.dp)
             .ok_or_else(|| Error::InvalidArgument(format!("DP shard of {} samples overflows", self.n)))?;
         let mut indices = if self.shuffle {
-            let seed = self.seed.checked_add(self.epoch).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "sampler seed {} + epoch {} overflows 64 bits (torch refuses such a seed too)",
+            let sum = self.seed + i128::from(self.epoch);
+            if sum < i128::from(i64::MIN) || sum > i128::from(u64::MAX) {
+                return Err(Error::InvalidArgument(format!(
+                    "sampler seed {} + epoch {} is outside [-2**63, 2**64) (torch refuses such a seed too)",
                     self.seed, self.epoch
-                ))
-            })?;
+                )));
+            }
+            // torch keeps the low 64 bits of a negative seed (two's complement).
+            let seed = sum as u64;
             torch_randperm(self.n, &mut Mt19937::new(seed))
         } else {
             (0..self.n).collect()
@@ -269,6 +273,17 @@ mod tests {
         let mut g = Mt19937::new(1);
         assert_eq!(torch_randperm(1, &mut g), [0]);
         assert_eq!(g.next_u32(), Mt19937::new(1).next_u32());
+    }
+
+    #[test]
+    fn negative_seeds_wrap_as_in_torch() {
+        // torch: manual_seed(-5 + 1) keeps the low 64 bits, i.e. seeds with 2**64 - 4.
+        let negative = DistributedShard::new(10, 2, 1, -5i64, 1).indices().unwrap();
+        let wrapped = DistributedShard::new(10, 2, 1, u64::MAX - 3, 0).indices().unwrap();
+        assert_eq!(negative, wrapped);
+        let err = DistributedShard::new(10, 2, 0, u64::MAX, 1).indices().unwrap_err();
+        assert!(err.to_string().contains("[-2**63, 2**64)"), "{err}");
+        assert!(DistributedShard::new(10, 2, 0, i128::from(i64::MIN) - 1, 0).indices().is_err());
     }
 
     #[test]

@@ -39,7 +39,7 @@ fn torch_randperm_vectors() {
                 n,
                 dp: usize::try_from(sampler["num_replicas"].as_u64().unwrap()).unwrap(),
                 rank: usize::try_from(sampler["rank"].as_u64().unwrap()).unwrap(),
-                seed,
+                seed: seed.into(),
                 epoch: sampler["epoch"].as_u64().unwrap(),
                 shuffle: sampler["shuffle"].as_bool().unwrap(),
                 drop_last: sampler["drop_last"].as_bool().unwrap(),

@@ -14,9 +14,13 @@ numpy copies them.
 Rows: `store.get` (ferry reads into its own pooled buffer, numpy wraps it) and `store.get_into`
 (ferry reads into the caller's warm array) on `mem://` and on a node daemon in a child process
 over its Unix socket (shared-memory route), and on `open_store_with_backend` over a dict-backed
-client with Mooncake's raw-buffer API (`ctypes.memmove`); then SpecForge's
-`SharedDirFeatureStore` round trip (put + get + release through a temporary directory) when
-SpecForge and torch are importable, else a "skipped" line. Build the module optimized first
+client with Mooncake's raw-buffer API (`ctypes.memmove`) and over the real Mooncake client
+(`mooncake.store.MooncakeDistributedStore`, TCP transport) against a `mooncake_master` this
+script starts on loopback, when the `mooncake-transfer-engine-non-cuda` wheel is importable,
+else a "skipped" line; then SpecForge's
+`SharedDirFeatureStore` (put + get + release, and get alone) against ferry's `dir://` store in
+the same temporary directory, when SpecForge (`pip install --no-deps specforge`) and torch are
+importable, else a "skipped" line. Build the module optimized first
 (`FERRY_PY_RELEASE=1 ./scripts/test-python`): a debug build measures the debug build.
 """
 
@@ -28,6 +32,7 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -188,6 +193,79 @@ def stop_daemon(proc, tmp) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def start_mooncake(segment_bytes: int):
+    """A `mooncake_master` on free loopback ports and a real client of it (TCP transport), as
+    `(proc, client, tmp)`, or a string saying why not (not installed, `libibverbs.so.1`
+    missing, the master did not start). Readiness is polled, with a 20 s deadline."""
+    try:
+        import mooncake
+        from mooncake.store import MooncakeDistributedStore
+    except Exception as e:  # ImportError, or the native library failing to load
+        return f"mooncake not importable ({type(e).__name__}: {e})"
+    binary = os.path.join(os.path.dirname(mooncake.__file__), "mooncake_master")
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    rpc, http, metrics = ports
+    tmp = tempfile.mkdtemp(prefix="ferry-bench-mooncake-")
+    with open(os.path.join(tmp, "master.log"), "wb") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--rpc_address=127.0.0.1",
+                f"--rpc_port={rpc}",
+                "--enable_http_metadata_server=true",
+                "--http_metadata_server_host=127.0.0.1",
+                f"--http_metadata_server_port={http}",
+                "--metrics_host=127.0.0.1",
+                f"--metrics_port={metrics}",
+                "--logtostderr=true",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def port_open(port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    why = None
+    while not (port_open(rpc) and port_open(http)):
+        if proc.poll() is not None:
+            why = f"mooncake_master exited with status {proc.returncode}"
+            break
+        if time.monotonic() > deadline:
+            why = "mooncake_master did not open its ports within 20 s"
+            break
+        time.sleep(0.02)
+    if why is None:
+        client = MooncakeDistributedStore()
+        rc = client.setup(
+            "127.0.0.1", f"http://127.0.0.1:{http}/metadata", segment_bytes, 16 * MIB, "tcp", "", f"127.0.0.1:{rpc}"
+        )
+        if rc == 0:
+            return proc, client, tmp
+        why = f"MooncakeDistributedStore.setup returned {rc}"
+    proc.kill()
+    proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return why
+
+
+def stop_mooncake(proc, client, tmp) -> None:
+    client.close()  # first: a client outliving its master waits on RPC timeouts
+    proc.kill()
+    proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def find_specforge_store():
     """SpecForge's SharedDirFeatureStore class and torch, or (None, why)."""
     try:
@@ -206,26 +284,68 @@ def find_specforge_store():
     return None, "SpecForge is importable but SharedDirFeatureStore was not found in " + ", ".join(SPECFORGE_MODULES)
 
 
-def bench_specforge(cls, src: np.ndarray, iters: int) -> dict[str, float]:
+def bench_specforge(cls, src: np.ndarray, iters: int, memcpy: Callable[[], Any]) -> dict[str, Any]:
+    """SpecForge's SharedDirFeatureStore against ferry's `dir://` store on the same file system
+    (both under one temporary directory): the round trip (put, get, release: what a producer and
+    a trainer pay per sample), then get alone (the trainer's side). Each is timed alternately
+    with numpy's memcpy of the same bytes."""
     import torch
 
     t = torch.from_numpy(src)
     root = tempfile.mkdtemp(prefix="ferry-bench-specforge-")
     try:
-        store = cls(root=root)
+        sf = cls(root=os.path.join(root, "specforge"), store_id="bench")
+        sf_keep = cls(root=os.path.join(root, "specforge"), store_id="bench-keep", retain_on_release=True)
+        meta = {"run_id": "bench"}
 
-        def round_trip():
-            r = store.put({"x": t}, "bench:specforge", {"run_id": "bench"})
-            tensors, handle = store.get(r)
-            store.release(handle)
+        def sf_round_trip():
+            ref = sf.put({"x": t}, sample_id="bench-sf", metadata=meta)
+            tensors, handle = sf.get(ref)
+            sf.release(handle)
             return tensors
 
-        return {"round_trip_s": median_s(round_trip, iters)}
+        kept = sf_keep.put({"x": t}, sample_id="bench-sf", metadata=meta)
+        first, handle = sf_keep.get(kept)
+        assert torch.equal(first["x"], t)
+        sf_keep.release(handle)
+
+        def sf_get():
+            tensors, handle = sf_keep.get(kept)
+            sf_keep.release(handle)
+            return tensors
+
+        out: dict[str, Any] = {
+            "specforge_round_trip": paired(sf_round_trip, iters, None, memcpy),
+            "specforge_get": paired(sf_get, iters, None, memcpy),
+        }
+        uri = "dir://" + os.path.join(root, "ferry")
+        with ferry.open_store(uri + "/bench") as store, ferry.open_store(
+            uri + "/bench-keep", retain_on_release=True
+        ) as keep:
+
+            def ferry_round_trip():
+                ref = store.put("bench-ferry", {"x": src})
+                lease = store.get(ref)
+                lease["x"]
+                lease.release()
+
+            kref = keep.put("bench-ferry", {"x": src})
+            with keep.get(kref) as lease:
+                assert np.array_equal(lease["x"], src)
+
+            def ferry_get():
+                lease = keep.get(kref)
+                lease["x"]
+                return lease
+
+            out["ferry_dir_round_trip"] = paired(ferry_round_trip, iters, None, memcpy)
+            out["ferry_dir_get"] = paired(ferry_get, iters, release, memcpy)
+        return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run(size: int, iters: int, daemon: bool) -> dict[str, Any]:
+def run(size: int, iters: int, daemon: bool, mooncake: bool = True) -> dict[str, Any]:
     src = aligned_empty(size)
     src[:] = np.random.default_rng(7).integers(0, 256, size=size, dtype=np.uint8)
     dst = aligned_empty(size)
@@ -277,23 +397,29 @@ def run(size: int, iters: int, daemon: bool) -> dict[str, Any]:
         add("python backend (memmove) get", r["get_s"])
         add("python backend (memmove) get_into", r["get_into_s"])
 
+    mc = start_mooncake(4 * size + 16 * MIB) if mooncake else "--no-mooncake"
+    if isinstance(mc, str):
+        result["mooncake_skipped"] = mc
+    else:
+        try:
+            with ferry.open_store_with_backend(mc[1], retain_on_release=True) as store:
+                r = bench_store(store, src, iters, "mooncake", copy)
+                add("mooncake (real client, tcp) get", r["get_s"])
+                add("mooncake (real client, tcp) get_into", r["get_into_s"])
+        finally:
+            stop_mooncake(*mc)
+
     cls, where = find_specforge_store()
     if cls is None:
         result["specforge"] = {"skipped": where}
     else:
-        sf = bench_specforge(cls, src, iters)
-        result["specforge"] = {"module": where, **sf, "gb_per_s": gbps(sf["round_trip_s"])}
-        # The same round trip through ferry's mem:// store, for the comparison.
-        with ferry.open_store("mem://bench-rt") as store:
-
-            def ferry_round_trip():
-                ref = store.put("bench:rt", {"x": src})
-                with store.get(ref) as lease:
-                    return lease["x"]
-
-            rt = median_s(ferry_round_trip, iters)
-        result["specforge"]["ferry_mem_round_trip_s"] = rt
-        result["specforge"]["ferry_speedup"] = sf["round_trip_s"] / rt
+        sf = bench_specforge(cls, src, iters, copy)
+        section: dict[str, Any] = {"module": where}
+        for key, (seconds, memcpy_here) in sf.items():
+            section[key] = {"median_s": seconds, "gb_per_s": gbps(seconds), "vs_memcpy": memcpy_here / seconds}
+        section["ferry_round_trip_speedup"] = sf["specforge_round_trip"][0] / sf["ferry_dir_round_trip"][0]
+        section["ferry_get_speedup"] = sf["specforge_get"][0] / sf["ferry_dir_get"][0]
+        result["specforge"] = section
     return result
 
 
@@ -307,15 +433,25 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{row['name']:38} {row['median_s'] * 1e3:9.2f} {row['gb_per_s']:8.2f} {row['vs_memcpy']:10.2f}")
     if "daemon_skipped" in result:
         print(f"daemon: skipped ({result['daemon_skipped']})")
+    if "mooncake_skipped" in result:
+        print(f"mooncake (real client): skipped ({result['mooncake_skipped']})")
     sf = result["specforge"]
     if "skipped" in sf:
         print(f"SpecForge SharedDirFeatureStore round trip: skipped: {sf['skipped']}")
-    else:
-        print(
-            f"SpecForge SharedDirFeatureStore round trip ({sf['module']}): {sf['round_trip_s'] * 1e3:.2f} ms "
-            f"({sf['gb_per_s']:.2f} GB/s); ferry mem:// round trip {sf['ferry_mem_round_trip_s'] * 1e3:.2f} ms "
-            f"({sf['ferry_speedup']:.1f}x faster)"
-        )
+        return
+    print(f"SpecForge SharedDirFeatureStore ({sf['module']}) against ferry dir://, same file system:")
+    for key, label in (
+        ("specforge_round_trip", "SpecForge round trip (put+get+release)"),
+        ("ferry_dir_round_trip", "ferry dir:// round trip"),
+        ("specforge_get", "SpecForge get"),
+        ("ferry_dir_get", "ferry dir:// get"),
+    ):
+        row = sf[key]
+        print(f"{label:38} {row['median_s'] * 1e3:9.2f} {row['gb_per_s']:8.2f} {row['vs_memcpy']:10.2f}")
+    print(
+        f"ferry is {sf['ferry_round_trip_speedup']:.1f}x faster per round trip, "
+        f"{sf['ferry_get_speedup']:.1f}x per get"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,12 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=float, default=64, help="sample size in MiB (default 64)")
     p.add_argument("--iters", type=int, default=15, help="timed iterations per row (default 15)")
     p.add_argument("--no-daemon", action="store_true", help="skip the daemon rows")
+    p.add_argument("--no-mooncake", action="store_true", help="skip the real Mooncake rows")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     size = int(args.size_mib * MIB)
     if size <= 0 or args.iters < 1:
         p.error("--size-mib and --iters must be positive")
-    result = run(size, args.iters, daemon=not args.no_daemon)
+    result = run(size, args.iters, daemon=not args.no_daemon, mooncake=not args.no_mooncake)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -17,7 +17,7 @@
 //! `unsafe` in this module: turning an array's data pointer into a slice (DLPack export's own
 //! is in `dlpack`).
 
-use crate::errors::invalid;
+use crate::errors::{invalid, unknown_dtype};
 use ferry_core::{AlignedBuf, DType, FeatureSpec, TensorBuf};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -231,7 +231,7 @@ pub(crate) fn prepare_put<'py>(
     let (mut arr, hint) = if obj.is_instance(np.ndarray.bind(py))? {
         (obj.clone(), None)
     } else {
-        let converted = helper(py, &AS_NUMPY, "_as_numpy")?.call1((obj,))?;
+        let converted = helper(py, &AS_NUMPY, "_as_numpy")?.call1((obj, name))?;
         let (arr, hint): (Bound<'py, PyAny>, Option<String>) = converted.extract()?;
         (arr, hint)
     };
@@ -255,8 +255,9 @@ pub(crate) fn prepare_put<'py>(
             Some(d) => d,
             None if dname == "uint16" => uint16_hint(py, name)?,
             None => {
-                return Err(invalid(
+                return Err(unknown_dtype(
                     py,
+                    &dname,
                     format!(
                         "feature {name:?}: numpy dtype {dname} is not a ferry dtype (float32, float64, float16, bfloat16, int64, int32, int16, int8, uint8, bool)"
                     ),
@@ -285,8 +286,9 @@ pub(crate) fn prepare_put<'py>(
 /// `uint16` is not a ferry dtype; a uint16 array is most likely bfloat16 bits, so the error
 /// says how to store it.
 fn uint16_hint(py: Python<'_>, name: &str) -> PyResult<DType> {
-    Err(invalid(
+    Err(unknown_dtype(
         py,
+        "uint16",
         format!(
             "feature {name:?}: numpy dtype uint16 is not a ferry dtype; to store bfloat16 bit patterns pass dtypes={{{name:?}: \"bfloat16\"}}"
         ),

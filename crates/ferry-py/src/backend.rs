@@ -6,8 +6,11 @@
 //! * `put_from(key, buffer_ptr, size[, config])` → `0` (or `None`); negative is a failure.
 //! * `get_into(key, buffer_ptr, size)` → bytes read (the object's size); negative is a failure,
 //!   `-704` (`OBJECT_NOT_FOUND`) a missing object. Mooncake refuses a buffer smaller than the
-//!   object (`-1`); a prefix read then asks `get_size(key)` and reads through a scratch buffer.
-//! * `remove(key[, force=True])` → `0` (or `None`); `-704` means already gone.
+//!   object (a negative status: `-600`, INVALID_PARAMS, from the 0.3.13 client); a prefix read
+//!   then asks `get_size(key)` and reads through a scratch buffer.
+//! * `remove(key[, force=True])` → `0` (or `None`); `-704` means already gone, `-706`
+//!   (`OBJECT_HAS_LEASE`) that a read lease (granted by every `get_into` and `is_exist`) holds it:
+//!   a failure, parked and retried by `gc`/`drain` (a drain forces).
 //! * `is_exist(key)` → `1` present, `0` absent, negative an error.
 //! * optional: `batch_put_from(keys, ptrs, sizes[, config])` and `batch_get_into(keys, ptrs,
 //!   sizes)` (lists of the single calls' codes), `get_size(key)`, `register_buffer(ptr, size)` /
@@ -15,9 +18,13 @@
 //!   are ignored, as SpecForge ignores them).
 //!
 //! Keys are SpecForge's Mooncake layout, `{store_id}/{sample_id}/g{generation}/{name}`, one raw
-//! little-endian object per tensor. Buffers cross as addresses: `put_from` gets the address of
-//! the caller's array itself, `get_into` the address of the destination (the caller's array for
-//! `Store.get_into`, ferry's pooled buffer for `Store.get`): no copy besides the client's own.
+//! little-endian object per tensor. An empty tensor (zero bytes) gets no object: the real
+//! Mooncake stores none (`put_from` of 0 bytes returns 0 and stores nothing; `batch_put_from`
+//! refuses it with `-600`, INVALID_PARAMS), so ferry never sends one and reads a zero-byte
+//! feature without fetching anything (its spec says it is empty). Buffers cross as addresses:
+//! `put_from` gets the address of the caller's array itself, `get_into` the address of the
+//! destination (the caller's array for `Store.get_into`, ferry's pooled buffer for
+//! `Store.get`): no copy besides the client's own.
 //!
 //! The GIL is taken only inside each backend call; the lifecycle core calls backends with no
 //! lock held and the `Store` methods release the GIL before calling the core. A Python
@@ -223,6 +230,11 @@ impl ByteBackend for PyBackend {
     }
 
     fn write(&self, sample: SampleKey<'_>, objects: &[ObjectData<'_>]) -> Result<()> {
+        // Empty tensors get no object (Mooncake holds none; see the module notes).
+        let objects: Vec<&ObjectData<'_>> = objects.iter().filter(|o| !o.tensor.bytes().is_empty()).collect();
+        if objects.is_empty() {
+            return Ok(());
+        }
         let keys: Vec<String> = objects.iter().map(|o| sample.object(o.name).to_string()).collect();
         let spans: Vec<(usize, usize)> =
             objects.iter().map(|o| (o.tensor.bytes().as_ptr() as usize, o.tensor.bytes().len())).collect();
@@ -285,6 +297,13 @@ impl ByteBackend for PyBackend {
     fn read_into(&self, object: ObjectKey<'_>, dst: &mut [u8]) -> Result<usize> {
         let key = object.to_string();
         let (ptr, size) = (dst.as_mut_ptr() as usize, dst.len());
+        if size == 0 {
+            // An empty feature has no object (never written); a zero-byte prefix of a
+            // non-empty one needs only its size. Either way there is nothing to copy.
+            return Python::attach(|py| {
+                if self.get_size { Ok(self.size_of(py, &key)?.map_or(0, |n| n as usize)) } else { Ok(0) }
+            });
+        }
         Python::attach(|py| {
             self.register(py, ptr, size);
             let status = self.call(py, "get_into", &key, (&key, ptr, size));
@@ -294,7 +313,7 @@ impl ByteBackend for PyBackend {
     }
 
     fn read_many(&self, sample: SampleKey<'_>, reads: &mut [(&str, &mut [u8])]) -> Result<Vec<usize>> {
-        if !self.batch_get || reads.len() < 2 {
+        if !self.batch_get || reads.len() < 2 || reads.iter().any(|(_, dst)| dst.is_empty()) {
             return reads.iter_mut().map(|(name, dst)| self.read_into(sample.object(name), dst)).collect();
         }
         let keys: Vec<String> = reads.iter().map(|(name, _)| sample.object(name).to_string()).collect();

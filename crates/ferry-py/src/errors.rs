@@ -40,15 +40,26 @@ fn variant_and_details(err: &Error) -> (String, String) {
 /// The `ferry` exception for `err`. If building it fails (the `ferry` package is broken), the
 /// failure itself is returned: it still says what went wrong.
 pub(crate) fn to_py(py: Python<'_>, err: &Error) -> PyErr {
+    from_native(py, err, err.to_string())
+}
+
+/// The `ferry` exception class for `err`, carrying `message` and `err`'s details.
+fn from_native(py: Python<'_>, err: &Error, message: String) -> PyErr {
     static FROM_NATIVE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let (variant, details) = variant_and_details(err);
     let built = FROM_NATIVE
         .import(py, "ferry._errors", "_from_native")
-        .and_then(|f| f.call1((variant, err.python_exception(), err.to_string(), details)));
+        .and_then(|f| f.call1((variant, err.python_exception(), message, details)));
     match built {
         Ok(exc) => PyErr::from_value(exc),
         Err(e) => e,
     }
+}
+
+/// A `ferry.UnknownDtypeError` (an `InvalidArgumentError`, so a `ValueError`) for `dtype`,
+/// with `message` (which names the feature, unlike the core error's own text).
+pub(crate) fn unknown_dtype(py: Python<'_>, dtype: &str, message: impl Into<String>) -> PyErr {
+    from_native(py, &Error::UnknownDtype { dtype: dtype.to_owned() }, message.into())
 }
 
 /// A `ferry.InvalidArgumentError` (a `ValueError`) with `message`.

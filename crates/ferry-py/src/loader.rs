@@ -157,6 +157,18 @@ pub(crate) struct PyFeatureLoader {
     defer_ack: bool,
 }
 
+/// A seed as `torch.Generator.manual_seed` takes it: any integer in `[-2**63, 2**64)` (the
+/// sampler wraps a negative `seed + epoch` modulo 2**64, as torch's `DistributedSampler` does).
+fn torch_seed(py: Python<'_>, seed: i128) -> PyResult<i128> {
+    if seed < i128::from(i64::MIN) || seed > i128::from(u64::MAX) {
+        return Err(invalid(
+            py,
+            format!("seed {seed} is outside [-2**63, 2**64), the range torch's manual_seed takes"),
+        ));
+    }
+    Ok(seed)
+}
+
 #[pymethods]
 impl PyFeatureLoader {
     #[new]
@@ -177,7 +189,7 @@ impl PyFeatureLoader {
         num_workers: usize,
         dp: Option<usize>,
         rank: Option<usize>,
-        seed: u64,
+        seed: i128,
         shuffle: bool,
         dp_drop_last: bool,
         max_len: Option<u64>,
@@ -208,6 +220,7 @@ impl PyFeatureLoader {
                 ));
             }
         };
+        let seed = torch_seed(py, seed)?;
         let sharding = match (dp, rank) {
             (None, None) => None,
             (Some(dp), Some(rank)) => Some(DpSharding { dp, rank, seed, shuffle, drop_last: dp_drop_last }),

@@ -643,7 +643,9 @@ impl Lease {
     }
 
     /// The tensors as torch tensors over the same memory (bfloat16 features as
-    /// `torch.bfloat16`). Needs torch.
+    /// `torch.bfloat16`). Needs torch. A borrowed lease's tensors are views of the daemon's
+    /// shared memory that every reader sees: treat them as read-only (torch cannot mark a
+    /// tensor read-only); write to a `.clone()`.
     fn to_torch<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         static TO_TORCH: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
         let py = slf.py();

@@ -19,7 +19,11 @@
 //! (`max + 1`), which reuses generation 1 once a consumed sample's file is gone, so a stale ref
 //! could alias new bytes. ferry keeps a store-wide high-water mark in `.ferry-generation`,
 //! updated under an exclusive `flock`, seeded once per process and store from the largest
-//! generation on disk: generations are monotonic across every process sharing the directory.
+//! generation on disk, and never below the sample's own files (a SpecForge writer sharing the
+//! directory does not move the mark): generations are monotonic across every process sharing
+//! the directory. A write removes the sample's older generation files, as SpecForge's put
+//! does, whoever wrote them. Both cost one listing of the store directory per put (SpecForge's
+//! put lists it twice).
 //!
 //! Copies: `write` streams each tensor from the caller's buffer into the file (one copy, into the
 //! page cache); `read_many` maps the file and copies each tensor once into the caller's buffer.
@@ -195,21 +199,50 @@ impl SharedDirBackend {
         Err(Error::NotFound { what: format!("sample file {sample}") })
     }
 
+    /// This sample's files in the store directory: (generation, path). One directory listing;
+    /// names are matched on their `<sample_id>.g` prefix before being parsed.
+    fn sample_files(&self, store_id: &StoreId, sample_id: &SampleId) -> Result<Vec<(Generation, PathBuf)>> {
+        let mut out = Vec::new();
+        self.list(store_id, Some(&format!("{sample_id}.g")), |sid, generation, entry| {
+            if sid == sample_id.as_str() {
+                out.push((generation, entry.path()));
+            }
+        })?;
+        Ok(out)
+    }
+
     /// Every sample file in the store directory: (sample id, generation, path, size).
     fn scan(&self, store_id: &StoreId) -> Result<Vec<(String, Generation, PathBuf, u64)>> {
+        let mut out = Vec::new();
+        self.list(store_id, None, |sid, generation, entry| {
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push((sid.to_owned(), generation, entry.path(), size));
+        })?;
+        Ok(out)
+    }
+
+    /// Lists the store directory once, calling `found(sample id, generation, entry)` for every
+    /// sample file whose name starts with `prefix` (all of them for `None`).
+    fn list(
+        &self,
+        store_id: &StoreId,
+        prefix: Option<&str>,
+        mut found: impl FnMut(&str, Generation, &fs::DirEntry),
+    ) -> Result<()> {
         let dir = self.store_dir(store_id)?;
         let entries = fs::read_dir(&dir).map_err(|e| self.io_err("list", dir.display(), &e))?;
-        let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| self.io_err("list", dir.display(), &e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
+            if prefix.is_some_and(|p| !name.starts_with(p)) {
+                continue;
+            }
             if let Some((sid, generation, _)) = parse_sample_file_name(name) {
-                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                out.push((sid.to_owned(), generation, entry.path(), size));
+                found(sid, generation, &entry);
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -220,7 +253,20 @@ impl ByteBackend for SharedDirBackend {
 
     fn write(&self, sample: SampleKey<'_>, objects: &[ObjectData<'_>]) -> Result<()> {
         self.store_dir(sample.store_id)?;
-        write_sample_file(&self.sample_path(sample, self.format.extension())?, self.format, objects)
+        write_sample_file(&self.sample_path(sample, self.format.extension())?, self.format, objects)?;
+        // Older generations of this sample are superseded now, whoever wrote them (another
+        // process, or a SpecForge writer, which this process's index never saw): remove their
+        // files, as SpecForge's put does, so a stale ref finds nothing instead of old bytes.
+        for (generation, path) in self.sample_files(sample.store_id, sample.sample_id)? {
+            if generation < sample.generation {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(self.io_err("remove superseded", path.display(), &e)),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn read_into(&self, object: ObjectKey<'_>, dst: &mut [u8]) -> Result<usize> {
@@ -275,12 +321,7 @@ impl ByteBackend for SharedDirBackend {
         }
     }
 
-    fn reserve_generation(
-        &self,
-        store_id: &StoreId,
-        _sample_id: &SampleId,
-        proposed: Generation,
-    ) -> Result<Generation> {
+    fn reserve_generation(&self, store_id: &StoreId, sample_id: &SampleId, proposed: Generation) -> Result<Generation> {
         let dir = self.store_dir(store_id)?;
         let path = dir.join(GENERATION_FILE);
         let mut file = OpenOptions::new()
@@ -302,6 +343,12 @@ impl ByteBackend for SharedDirBackend {
             high = Some(high.unwrap_or(0).max(on_disk));
             seeded.insert(store_id.clone());
         }
+        // A writer that does not keep the mark (SpecForge's SharedDirFeatureStore numbers a
+        // re-put from the sample's own files) may have gone past it for this sample: never
+        // hand out a generation at or below one on disk, or a rename would put new bytes under
+        // a ref that is already out.
+        let sample_high = self.sample_files(store_id, sample_id)?.into_iter().map(|(g, _)| g.get()).max().unwrap_or(0);
+        high = Some(high.unwrap_or(0).max(sample_high));
         let next = high.unwrap_or(0).checked_add(1).ok_or_else(|| Error::Backend {
             backend: "shared_dir".into(),
             operation: "reserve generation".into(),

@@ -41,6 +41,7 @@ __all__ = [
     "RefChannel",
     "RemoteError",
     "SampleRef",
+    "SampleRefQueue",
     "ShortReadError",
     "SocketCollective",
     "StaleRefError",
@@ -251,7 +252,8 @@ def open_store_with_backend(
     ``batch_get_into``, ``get_size``, ``register_buffer`` / ``unregister_buffer``.
 
     Keys are ``{store_id}/{sample_id}/g{generation}/{name}``, one raw object per tensor; refs
-    are ``{uri_scheme}://{store_id}/{sample_id}`` with ``metadata.generation``. Every lifecycle
+    are ``{uri_scheme}://{store_id}/{sample_id}`` with ``metadata.generation``. An empty tensor
+    gets no object (Mooncake stores none) and reads back empty from its spec. Every lifecycle
     rule of ``open_store``'s stores applies. ``put_from`` receives the caller's array address
     (no staging copy); ``get_into`` the destination's. ``replicate_config`` is passed to every
     put; ``register_buffers`` registers each transfer's memory around the call.
@@ -380,7 +382,11 @@ class Lease(Mapping[str, Any]):
         """Releases the lease (idempotent). Arrays from ``get`` stay valid. A borrowed lease
         is emptied; its read lease ends when the last array taken out of it is collected."""
     def to_torch(self) -> dict[str, Any]:
-        """The tensors as torch tensors over the same memory (bfloat16 as ``torch.bfloat16``)."""
+        """The tensors as torch tensors over the same memory (bfloat16 as ``torch.bfloat16``).
+
+        For a borrowed lease (``get(..., borrow=True)``) they are views of the daemon's shared
+        memory, which every reader of the sample sees: torch cannot mark a tensor read-only, so
+        treat them as read-only (write to a ``.clone()``). They pin the bytes like the arrays."""
     def __enter__(self) -> Lease: ...
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -483,8 +489,8 @@ class FeatureLoader:
     ``dp``/``rank``, :meth:`seek` and ``len()`` are refused.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         store: Store,
         refs: Iterable[SampleRef] | None = None,
         queue: SampleRefQueue | None = None,
@@ -501,7 +507,7 @@ class FeatureLoader:
         max_len: int | None = None,
         prefetch_depth: int | None = None,
         defer_ack: bool = False,
-    ) -> None: ...
+    ) -> FeatureLoader: ...
     def __iter__(self) -> Batches:
         """Starts a pass, consuming a pending :meth:`seek`."""
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy
 
-from ferry._errors import InvalidArgumentError
+from ferry._errors import InvalidArgumentError, UnknownDtypeError
 
 __all__ = ["bfloat16_dtype", "to_dlpack", "to_torch"]
 
@@ -38,12 +38,22 @@ def bfloat16_dtype() -> Any:
     return ml_dtypes.bfloat16
 
 
-def _as_numpy(obj: Any) -> tuple[numpy.ndarray, str | None]:
+# The dtypes ferry stores, as torch and SpecForge name them.
+_FERRY_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def _as_numpy(obj: Any, name: str = "?") -> tuple[numpy.ndarray, str | None]:
     """A put's input as a numpy array sharing its memory where possible, and the ferry dtype
-    its bits hold when the array's own dtype does not say (torch bfloat16)."""
+    its bits hold when the array's own dtype does not say (torch bfloat16). A torch dtype
+    ferry cannot store is refused here, by its torch name (numpy may not even have it)."""
     if _is_torch(obj):
         import torch
 
+        dname = str(obj.dtype).removeprefix("torch.")
+        if dname not in _FERRY_DTYPES:
+            raise UnknownDtypeError(
+                f"feature {name!r}: torch dtype {dname} is not a ferry dtype ({', '.join(_FERRY_DTYPES)})"
+            )
         t = obj.detach()
         if t.device.type != "cpu":
             t = t.cpu()  # one copy off the device
@@ -126,5 +136,14 @@ def to_dlpack(array: Any) -> Any:
 
 
 def _to_torch_dict(tensors: dict[str, Any], dtypes: dict[str, str]) -> dict[str, Any]:
-    """``Lease.to_torch``: every array as a torch tensor over the same memory."""
-    return {name: to_torch(value, dtypes.get(name)) for name, value in tensors.items()}
+    """``Lease.to_torch``: every array as a torch tensor over the same memory.
+
+    A borrowed lease's arrays are read-only numpy views of a daemon's shared memory; torch has
+    no read-only tensors and warns when it wraps one. The contract is documented on
+    ``Lease.to_torch`` (treat such tensors as read-only), so that one warning is silenced here,
+    for these calls only."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return {name: to_torch(value, dtypes.get(name)) for name, value in tensors.items()}

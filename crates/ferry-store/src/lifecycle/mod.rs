@@ -25,6 +25,7 @@
 mod budget;
 mod index;
 mod maintenance;
+mod ref_fields;
 mod report;
 
 pub use report::{DrainPolicy, DrainReport, GcReport, Health};
@@ -40,6 +41,7 @@ use ferry_core::{
 };
 use index::{FreeJob, Index, Live, Origin};
 use indexmap::IndexMap;
+use ref_fields::RefFields;
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -169,6 +171,8 @@ pub struct PendingPut<'s> {
     names: Vec<String>,
     nbytes: u64,
     metadata: JsonMap,
+    /// The ref fields, coerced from the metadata before any byte was written.
+    fields: RefFields,
     reservation: budget::Reservation<'s>,
 }
 
@@ -426,11 +430,12 @@ impl FeatureStore {
         &self,
         sid: SampleId,
         layout: &[TensorLayout<'_>],
-        metadata: JsonMap,
+        mut metadata: JsonMap,
         deadline: Option<Instant>,
     ) -> Result<PendingPut<'_>> {
         self.check_auth("put")?;
         validate_put(&sid, layout)?;
+        let fields = RefFields::take(&mut metadata)?;
         let mut nbytes = 0u64;
         for t in layout {
             let n = t.dtype.nbytes_of(t.shape).ok_or_else(|| {
@@ -449,6 +454,7 @@ impl FeatureStore {
             specs,
             nbytes,
             metadata,
+            fields,
             reservation,
         })
     }
@@ -459,7 +465,7 @@ impl FeatureStore {
         if tap {
             self.dump_written(&pending);
         }
-        let PendingPut { sid, generation, specs, names, nbytes, metadata, reservation, .. } = pending;
+        let PendingPut { sid, generation, specs, names, nbytes, metadata, fields, reservation, .. } = pending;
         let mut jobs = Vec::new();
         let mut counted_twice = 0;
         {
@@ -492,7 +498,7 @@ impl FeatureStore {
         for job in jobs {
             self.run_free(job, false);
         }
-        self.build_ref(sid, generation, specs, nbytes, metadata)
+        self.build_ref(sid, generation, specs, nbytes, metadata, fields)
     }
 
     fn next_generation(&self, sid: &SampleId) -> Result<Generation> {
@@ -509,26 +515,22 @@ impl FeatureStore {
         specs: IndexMap<String, FeatureSpec>,
         nbytes: u64,
         mut metadata: JsonMap,
+        fields: RefFields,
     ) -> SampleRef {
-        let string = |m: &JsonMap, k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
         let feature_keys = specs.keys().map(|k| (k.clone(), format!("{sid}/{k}"))).collect();
-        let num_tokens = metadata.remove("num_tokens").and_then(|v| v.as_i64()).unwrap_or(0);
         metadata.insert("generation".into(), Value::from(generation.get()));
         SampleRef {
             feature_store_uri: self.inner.backend.ref_uri(&self.inner.store_id, &sid, generation),
-            run_id: string(&metadata, "run_id").unwrap_or_else(|| "unknown".into()),
-            source_task_id: string(&metadata, "source_task_id"),
+            run_id: fields.run_id,
+            source_task_id: fields.source_task_id,
             feature_keys,
             feature_specs: specs,
-            strategy: string(&metadata, "strategy").unwrap_or_else(|| "eagle3".into()),
-            schema_version: metadata
-                .get("schema_version")
-                .and_then(Value::as_i64)
-                .unwrap_or(ferry_core::SCHEMA_VERSION),
-            target_model_version: string(&metadata, "target_model_version").unwrap_or_else(|| "unknown".into()),
-            draft_weight_version: string(&metadata, "draft_weight_version"),
-            tokenizer_version: string(&metadata, "tokenizer_version").unwrap_or_else(|| "unknown".into()),
-            num_tokens,
+            strategy: fields.strategy,
+            schema_version: fields.schema_version,
+            target_model_version: fields.target_model_version,
+            draft_weight_version: fields.draft_weight_version,
+            tokenizer_version: fields.tokenizer_version,
+            num_tokens: fields.num_tokens,
             estimated_bytes: nbytes as i64,
             metadata,
             sample_id: sid,
