@@ -29,7 +29,7 @@ use ferry_control::channel::{FileRefChannel, RefSink, sidecar};
 use ferry_control::collective::{Collective, GroupAddress, LocalGroup, SocketGroup};
 use ferry_control::http_inbox::{self, InboxHttpServer, RemoteInbox};
 use ferry_control::offline_consumer::run_offline_rank;
-use ferry_control::online::{ConsumerConfig, agree_on_rank0_setup, run_rank_with};
+use ferry_control::online::{ConsumerConfig, agree_on_rank0_setup, publish_consumer_failure_text, run_rank_with};
 use ferry_core::{SampleRef, TrainBatch};
 use ferry_loader::{DpSharding, FeatureLoader, RefSource};
 use ferry_store::offline::{OfflineRefOptions, offline_refs};
@@ -93,7 +93,8 @@ impl Records {
 }
 
 /// `ferry consume`.
-pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn consume(mut args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
+    settle_inbox_url(&mut args);
     if let Some(fault) = args.fault {
         fault.check_role("consume")?;
         match (fault, args.control.is_some()) {
@@ -109,10 +110,7 @@ pub(crate) fn consume(args: ConsumeArgs, out: &mut dyn Write) -> Result<()> {
             ("--state", args.state.is_some()),
             ("--inbox-serve", args.inbox_serve.is_some()),
             // From the environment it is SpecForge's launcher setting, which offline runs ignore.
-            (
-                "--inbox-url",
-                args.inbox_url.is_some() && std::env::var_os(ferry_control::http_inbox::SERVER_URL_ENV).is_none(),
-            ),
+            ("--inbox-url", args.inbox_url.is_some() && !inbox_url_from_env(&args)),
         ];
         if let Some((flag, _)) = online_only.iter().find(|(_, set)| *set) {
             bail!("{flag} applies to the online consumer (--control); offline runs re-read their refs every epoch");
@@ -233,6 +231,25 @@ fn first_failure<T>(results: &mut Vec<ferry_core::Result<T>>, what: &str) -> Opt
 }
 
 type Summary = serde_json::Map<String, Value>;
+
+/// Whether `--inbox-url` holds `DISAGG_INBOX_SERVER_URL` rather than a flag the user typed.
+fn inbox_url_from_env(args: &ConsumeArgs) -> bool {
+    let env = std::env::var_os(http_inbox::SERVER_URL_ENV);
+    env.is_some() && env.as_deref() == args.inbox_url.as_deref().map(std::ffi::OsStr::new)
+}
+
+/// Drops an `--inbox-url` that came from SpecForge's launcher environment where SpecForge ignores
+/// it too: empty, or a single rank (no rank reads remotely; rank 0 reads its own file). A flag
+/// typed on the command line is kept, and refused later where it makes no sense.
+fn settle_inbox_url(args: &mut ConsumeArgs) {
+    if !inbox_url_from_env(args) {
+        return;
+    }
+    if args.inbox_url.as_deref().is_some_and(|u| u.trim().is_empty()) || args.dp < 2 {
+        tracing::debug!(dp = args.dp, "ignoring {} for this run", http_inbox::SERVER_URL_ENV);
+        args.inbox_url = None;
+    }
+}
 
 /// The online consumer (§14.3).
 fn online(args: &ConsumeArgs, control: &Path, records: &Arc<Records>) -> Result<(Summary, Option<anyhow::Error>)> {
@@ -436,7 +453,19 @@ impl InboxRelay {
             Some((origin, bind)) if runs_rank0 => {
                 let server = InboxHttpServer::new(&config.inbox_dir, config.dp_size, &origin, &bind)
                     .context("--inbox-serve / --inbox-url: rank 0's inbox relay")?;
-                let addr = server.start().context("starting rank 0's inbox relay")?;
+                let addr = match server.start() {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        // The flags were right but the relay cannot listen (the port is taken):
+                        // rank 0 never runs, so tell the producer (and the ranks polling for
+                        // their inboxes) now instead of leaving them to their idle timeouts.
+                        let e = anyhow::Error::new(e).context(format!("starting rank 0's inbox relay at {origin}"));
+                        if !sidecar::exists(&config.channel, sidecar::CONSUMER_DONE) {
+                            publish_consumer_failure_text(config, &format!("RuntimeError: {e:#}"));
+                        }
+                        return Err(e);
+                    }
+                };
                 eprintln!(
                     "ferry consume: serving the rank inboxes of {} at {} (listening on {addr})",
                     config.inbox_dir.display(),

@@ -169,6 +169,25 @@ fn ranks_as_threads_can_read_over_the_relay_and_flags_are_checked() {
     assert!(started.elapsed() < Duration::from_secs(60));
 }
 
+#[test]
+fn a_relay_that_cannot_listen_fails_rank_0_and_tells_the_producer() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = format!("http://127.0.0.1:{}", taken.local_addr().unwrap().port());
+    let store = format!("dir://{}", dir.path().join("store").display());
+    let mut cmd = ferry();
+    cmd.args(["consume", "--control", &control.display().to_string(), "--store", &store, "--dp", "2"])
+        .args(["--inbox-serve", &origin]);
+    let out = spawn(cmd).finish("a consumer whose relay port is taken");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("starting rank 0's inbox relay"), "{stderr}");
+    let published = std::fs::read_to_string(control.join("refs.jsonl.consumer_failed")).unwrap();
+    assert!(published.starts_with("RuntimeError: ") && published.contains(&origin), "{published}");
+    drop(taken);
+}
+
 /// Rank 1 waits on its remote inbox (no idle timeout: for ever) for a window only rank 0 could
 /// fill: the producer published 6 samples and crashed, the ranks trained one window of 4. When
 /// rank 0 is SIGKILLed, its relay is gone too (the pulls read as "nothing new"), and rank 1's
@@ -201,4 +220,30 @@ fn a_rank_waiting_on_its_remote_inbox_fails_at_once_when_rank_0_is_killed() {
     );
     assert!(!dir.path().join("control/refs.jsonl.consumer_failed").exists(), "a lost rank is resumable");
     assert_eq!(checksums(&dir.path().join("rank1.jsonl")).len(), 2, "rank 1 trained its half of the window");
+}
+
+/// SpecForge's launcher may export `DISAGG_INBOX_SERVER_URL` empty, or for a single-rank run;
+/// SpecForge ignores it there, and so does ferry (a typed `--inbox-url` is still checked).
+#[test]
+fn the_launchers_url_is_ignored_when_empty_or_for_one_rank() {
+    for (env, dp, samples) in [("", "2", 8), ("http://127.0.0.1:9", "1", 4)] {
+        let dir = tempfile::tempdir().unwrap();
+        let producer = start_producer(dir.path(), samples, &[]);
+        let mut cmd = ferry();
+        cmd.env("DISAGG_INBOX_SERVER_URL", env)
+            .args(["consume", "--control", &dir.path().join("control").display().to_string()])
+            .args(["--store", &format!("dir://{}", dir.path().join("store").display())])
+            .args(["--dp", dp, "--batch", "2", "--accum", "1", "--idle-timeout", "60", "--json"]);
+        let out = run_ok(cmd, "the consumer");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["trained"], samples, "{env:?}: {report}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("serving the rank inboxes"), "{env:?}");
+        succeed(producer, "the producer");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = ferry();
+    cmd.args(["consume", "--control", &dir.path().display().to_string(), "--store", "mem://x", "--dp", "1"])
+        .args(["--inbox-url", "http://127.0.0.1:9"]);
+    let out = spawn(cmd).finish("a one-rank consumer given --inbox-url");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dp_size >= 2"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -399,9 +399,11 @@ fn publish_consumer_failure(config: &ConsumerConfig, error: &Error) {
     publish_consumer_failure_text(config, &error.python_reason());
 }
 
-/// Writes `.consumer_failed` unless a failure is already published: the first failure (the
-/// root cause) wins over the ones it causes on other ranks.
-fn publish_consumer_failure_text(config: &ConsumerConfig, text: &str) {
+/// Writes `.consumer_failed` (`text` is `"<Type>: <message>"`) unless a failure is already
+/// published: the first failure (the root cause) wins over the ones it causes on other ranks.
+/// Setup that fails before a rank runs (rank 0's inbox relay not starting) publishes with it, so
+/// the producer stops instead of waiting for its idle timeout.
+pub fn publish_consumer_failure_text(config: &ConsumerConfig, text: &str) {
     let channel = FileRefChannel::open(&config.channel);
     match channel.consumer_failure() {
         Ok(Some(first)) => tracing::warn!(first = %first, later = %text, "a consumer failure is already published"),

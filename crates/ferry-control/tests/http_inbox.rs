@@ -66,7 +66,7 @@ impl Relay {
     }
 
     fn client(&self, rank: usize) -> RemoteInbox {
-        RemoteInbox::new(&self.origin, rank, TIMEOUT).unwrap()
+        RemoteInbox::new(&self.origin, rank, TIMEOUT).unwrap().with_min_pull_interval(Duration::ZERO)
     }
 
     fn agent() -> ureq::Agent {
@@ -278,7 +278,9 @@ fn a_refused_or_reset_connection_during_a_pull_yields_no_refs() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let refused = RemoteInbox::new(&format!("http://127.0.0.1:{port}"), 1, TIMEOUT).unwrap();
+    let refused = RemoteInbox::new(&format!("http://127.0.0.1:{port}"), 1, TIMEOUT)
+        .unwrap()
+        .with_min_pull_interval(Duration::ZERO);
     assert!(refused.poll(None).unwrap().is_empty());
     assert!(!refused.is_closed().unwrap());
     assert_eq!(refused.failure().unwrap(), None);
@@ -303,7 +305,9 @@ fn a_refused_or_reset_connection_during_a_pull_yields_no_refs() {
             drop(conn);
         }
     });
-    let reset = RemoteInbox::new(&format!("http://127.0.0.1:{port}"), 1, TIMEOUT).unwrap();
+    let reset = RemoteInbox::new(&format!("http://127.0.0.1:{port}"), 1, TIMEOUT)
+        .unwrap()
+        .with_min_pull_interval(Duration::ZERO);
     assert!(reset.poll(None).unwrap().is_empty());
     assert!(reset.poll(None).unwrap().is_empty());
     assert_eq!(reset.failure().unwrap(), None);
@@ -453,7 +457,7 @@ fn dozens_of_ranks_polling_at_once_are_all_answered() {
                     let response = Relay::agent().get(&url).call().expect("no connection is refused or reset");
                     assert_eq!(response.status().as_u16(), 200);
                 }
-                let client = RemoteInbox::new(&origin, rank, TIMEOUT).unwrap();
+                let client = RemoteInbox::new(&origin, rank, TIMEOUT).unwrap().with_min_pull_interval(Duration::ZERO);
                 ids(&client.poll(None).unwrap())
             })
         })
@@ -505,7 +509,7 @@ fn an_invalid_byte_range_is_an_error_and_the_offset_stays() {
         (200, format!(r#"{{"data":"{data}","next_offset":7,"closed":false,"failure":null}}"#)),
         (200, r#"{"data":"","next_offset":0,"closed":false}"#.into()),
     ]);
-    let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap();
+    let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap().with_min_pull_interval(Duration::ZERO);
     let err = client.poll(None).unwrap_err();
     assert!(err.to_string().contains("invalid byte range"), "{err}");
     assert_eq!(client.offset(), 0);
@@ -525,7 +529,7 @@ fn acknowledgements_retry_only_transient_failures_and_check_the_confirmation() {
     // Two 5xx answers, then the confirmation: three requests, success.
     let (origin, seen, server) =
         fake_server(vec![(503, r#"{"error":"busy"}"#.into()), (500, "oops".into()), (200, r#"{"consumed":2}"#.into())]);
-    let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap();
+    let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap().with_min_pull_interval(Duration::ZERO);
     client.mark_consumed(2).unwrap();
     assert_eq!((seen.load(Ordering::SeqCst), client.consumed()), (3, 2));
     server.join().unwrap();
@@ -537,7 +541,7 @@ fn acknowledgements_retry_only_transient_failures_and_check_the_confirmation() {
         (409, r#"{"error":"consumed target moved backwards","consumed":9}"#, "moved backwards"),
     ] {
         let (origin, seen, server) = fake_server(vec![(status, body.into())]);
-        let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap();
+        let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap().with_min_pull_interval(Duration::ZERO);
         let err = client.mark_consumed(1).unwrap_err();
         assert!(matches!(err, Error::Protocol { .. }), "{err}");
         assert!(err.to_string().contains(want) && err.to_string().contains(&status.to_string()), "{err}");
@@ -547,7 +551,7 @@ fn acknowledgements_retry_only_transient_failures_and_check_the_confirmation() {
 
     // A confirmation of another value is an error.
     let (origin, _, server) = fake_server(vec![(200, r#"{"consumed":7}"#.into())]);
-    let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap();
+    let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap().with_min_pull_interval(Duration::ZERO);
     let err = client.mark_consumed(1).unwrap_err().to_string();
     assert!(err.contains("did not confirm consumed target 1"), "{err}");
     assert_eq!(client.consumed(), 0);
@@ -555,7 +559,7 @@ fn acknowledgements_retry_only_transient_failures_and_check_the_confirmation() {
 
     // A GET answered 404 (a rank the server does not have) is an error, not "nothing new".
     let (origin, _, server) = fake_server(vec![(404, r#"{"error":"unknown inbox"}"#.into())]);
-    let client = RemoteInbox::new(&origin, 5, TIMEOUT).unwrap();
+    let client = RemoteInbox::new(&origin, 5, TIMEOUT).unwrap().with_min_pull_interval(Duration::ZERO);
     assert!(client.poll(None).unwrap_err().to_string().contains("unknown inbox"));
     server.join().unwrap();
 }
@@ -569,4 +573,47 @@ fn the_consumer_signals_of_a_producer_channel_are_refused() {
     {
         assert!(matches!(result, Err(Error::InvalidArgument(ref m)) if m.contains("HTTP inbox relay")), "{result:?}");
     }
+}
+
+#[test]
+fn polls_sooner_than_the_pull_interval_answer_from_the_last_pull() {
+    let relay = Relay::new(2);
+    let client = RemoteInbox::new(&relay.origin, 1, TIMEOUT).unwrap().with_min_pull_interval(Duration::from_secs(3600));
+    relay.writer(1).publish(&sref("s0")).unwrap();
+    assert_eq!(ids(&client.poll(None).unwrap()), ["s0"], "the first poll pulls");
+    relay.writer(1).publish(&sref("s1")).unwrap();
+    for _ in 0..5 {
+        assert!(client.poll(None).unwrap().is_empty(), "no request before the interval has passed");
+        assert!(!client.is_closed().unwrap());
+    }
+    assert_eq!(client.offset(), (line("s0").len() + 1) as u64, "the second record was never fetched");
+    // With a short interval the next record arrives once the interval has passed.
+    let client = RemoteInbox::new(&relay.origin, 1, TIMEOUT).unwrap().with_min_pull_interval(Duration::from_millis(20));
+    assert_eq!(ids(&client.poll(None).unwrap()), ["s0", "s1"]);
+    relay.writer(1).publish(&sref("s2")).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < deadline {
+        got = client.poll(None).unwrap();
+    }
+    assert_eq!(ids(&got), ["s2"]);
+}
+
+#[test]
+fn an_acknowledgement_answered_5xx_every_time_is_a_protocol_error_with_the_servers_text() {
+    let answers = vec![(500, r#"{"error":"disk full writing the counter"}"#.to_string()); 4];
+    let (origin, seen, server) = fake_server(answers);
+    let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap().with_min_pull_interval(Duration::ZERO);
+    let err = client.mark_consumed(3).unwrap_err();
+    assert!(matches!(err, Error::Protocol { .. }), "a relay that answers is not a lost peer: {err}");
+    assert!(!err.is_peer_loss());
+    assert!(err.to_string().contains("disk full writing the counter"), "{err}");
+    assert_eq!((seen.load(Ordering::SeqCst), client.consumed()), (4, 0));
+    server.join().unwrap();
+    // A seed answered 5xx says so too.
+    let (origin, _, server) = fake_server(vec![(503, r#"{"error":"busy"}"#.into())]);
+    let client = RemoteInbox::new(&origin, 1, TIMEOUT).unwrap();
+    let err = client.seed_consumed().unwrap_err();
+    assert!(matches!(err, Error::Protocol { .. }) && err.to_string().contains("busy"), "{err}");
+    server.join().unwrap();
 }

@@ -95,9 +95,25 @@ pub fn torch_zip_bytes_named(archive: &str, tensors: &[(&str, TensorView<'_>)]) 
 /// archive name follows torch: the file's base name without its last extension
 /// (`data_0.ckpt` → `data_0`). See [`write_safetensors`] for how the file is published.
 pub fn write_torch_zip(path: &Path, tensors: &[(&str, TensorView<'_>)]) -> Result<()> {
+    write_torch_zip_as(path, tensors, Publish::Replace)
+}
+
+/// How a written file takes its final name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publish {
+    /// Renamed over whatever file has the name.
+    Replace,
+    /// Only if no file has the name: otherwise the write fails with an `Io` error of kind
+    /// `AlreadyExists` and nothing is left behind (a shared-directory store that must never put
+    /// new bytes under a name another writer already published).
+    New,
+}
+
+/// [`write_torch_zip`], published as `publish` says.
+pub fn write_torch_zip_as(path: &Path, tensors: &[(&str, TensorView<'_>)], publish_as: Publish) -> Result<()> {
     torch::check_torch_tensors(tensors)?;
     let archive = torch::archive_name_for(path);
-    publish(path, |out| torch::write_archive(out, &archive, tensors).map(drop))
+    publish(path, publish_as, |out| torch::write_archive(out, &archive, tensors).map(drop))
 }
 
 /// Writes `tensors` to `path` as safetensors, byte-identical to the reference crate's
@@ -111,9 +127,14 @@ pub fn write_torch_zip(path: &Path, tensors: &[(&str, TensorView<'_>)]) -> Resul
 /// SpecForge's `torch.save`, a crash can lose a just-written file but never expose a torn one
 /// under its final name.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, TensorView<'_>)]) -> Result<()> {
+    write_safetensors_as(path, tensors, Publish::Replace)
+}
+
+/// [`write_safetensors`], published as `publish` says.
+pub fn write_safetensors_as(path: &Path, tensors: &[(&str, TensorView<'_>)], publish_as: Publish) -> Result<()> {
     torch::check_tensors(tensors)?;
     let (header, order) = safetensors_io::header(tensors)?;
-    publish(path, |out| {
+    publish(path, publish_as, |out| {
         out.write_all(&header)?;
         for i in order {
             out.write_all(tensors[i].1.bytes())?;
@@ -122,9 +143,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, TensorView<'_>)]) -> Res
     })
 }
 
-/// Writes a file through a temporary sibling renamed into place.
+/// Writes a file through a temporary sibling renamed into place (or, for [`Publish::New`],
+/// linked into place only if the name is free: `tempfile`'s `persist_noclobber`).
 fn publish(
     path: &Path,
+    publish_as: Publish,
     write: impl FnOnce(&mut BufWriter<tempfile::NamedTempFile>) -> std::io::Result<()>,
 ) -> Result<()> {
     let what = path.display().to_string();
@@ -146,7 +169,16 @@ fn publish(
     let mut out = BufWriter::with_capacity(1 << 20, tmp);
     write(&mut out).map_err(|e| Error::io(format!("writing {what}"), &e))?;
     let tmp = out.into_inner().map_err(|e| Error::io(format!("writing {what}"), e.error()))?;
-    tmp.persist(path).map_err(|e| Error::io(format!("renaming the temporary file to {what}"), &e.error))?;
+    match publish_as {
+        Publish::Replace => {
+            tmp.persist(path).map_err(|e| Error::io(format!("renaming the temporary file to {what}"), &e.error))?;
+        }
+        Publish::New => {
+            // On failure the temporary file is dropped with the error, so nothing is left.
+            tmp.persist_noclobber(path)
+                .map_err(|e| Error::io(format!("publishing {what} (which must not exist yet)"), &e.error))?;
+        }
+    }
     Ok(())
 }
 

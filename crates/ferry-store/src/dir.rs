@@ -19,11 +19,20 @@
 //! (`max + 1`), which reuses generation 1 once a consumed sample's file is gone, so a stale ref
 //! could alias new bytes. ferry keeps a store-wide high-water mark in `.ferry-generation`,
 //! updated under an exclusive `flock`, seeded once per process and store from the largest
-//! generation on disk, and never below the sample's own files (a SpecForge writer sharing the
-//! directory does not move the mark): generations are monotonic across every process sharing
-//! the directory. A write removes the sample's older generation files, as SpecForge's put
-//! does, whoever wrote them. Both cost one listing of the store directory per put (SpecForge's
-//! put lists it twice).
+//! generation on disk: generations are monotonic across every process sharing the directory
+//! that keeps the mark. A writer that does not keep it (SpecForge's `SharedDirFeatureStore`
+//! numbers a re-put from the sample's own files) cannot make ferry reuse its generation: the
+//! reservation steps over any file of the sample at the proposed generation (two `stat`s), and
+//! the file is published only if its name is free (`link`, never a rename over it), so a ref
+//! that is already out never reads new bytes.
+//!
+//! Superseded files: a put frees the generation this process's index knows (the lifecycle
+//! core's job). With [`Supersede::Scan`] (`dir://<root>?supersede=scan`) a put also removes
+//! every older generation file of its sample, whoever wrote it, as SpecForge's put does: for
+//! stores where several processes, or SpecForge, re-put the same sample ids, so that their
+//! stale refs are refused and no old file leaks. It costs one listing of the store directory per
+//! put, which grows with the directory (about 70 ms at 100k files), so it is off by default: an
+//! ingest of a whole dump into one directory never re-puts.
 //!
 //! Copies: `write` streams each tensor from the caller's buffer into the file (one copy, into the
 //! page cache); `read_many` maps the file and copies each tensor once into the caller's buffer.
@@ -32,6 +41,7 @@
 
 use crate::backend::{BackendUsage, ByteBackend, ObjectData, ObjectKey, Removal, SampleKey};
 use ferry_core::{Error, Generation, Result, SampleId, StoreId};
+use ferry_format::Publish;
 use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -72,6 +82,32 @@ impl DirFormat {
         }
     }
 }
+/// What a put does about older generation files of its sample that this process's index does
+/// not know (written by another process, or by SpecForge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Supersede {
+    /// Leave them (their writers free them): a put costs O(1) directory operations.
+    #[default]
+    Own,
+    /// List the store directory and remove them, and number the put above them: one listing per
+    /// put. SpecForge's behaviour.
+    Scan,
+}
+
+impl Supersede {
+    /// Parses `own` or `scan`.
+    pub fn parse(s: &str) -> Result<Supersede> {
+        match s {
+            "own" => Ok(Supersede::Own),
+            "scan" => Ok(Supersede::Scan),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown supersede mode {other:?}: use own (the default: a put frees what this process wrote) or \
+                 scan (a put removes every older generation file of its sample, as SpecForge's does)"
+            ))),
+        }
+    }
+}
+
 /// Name of the generation high-water-mark file.
 pub const GENERATION_FILE: &str = ".ferry-generation";
 /// Longest file name most POSIX file systems accept.
@@ -112,10 +148,20 @@ pub fn parse_sample_file_name(name: &str) -> Option<(&str, Generation, &str)> {
 /// Writes one sample generation's objects to `path` in `format` (temp file + rename inside
 /// `ferry_format`), so readers never see a partial file.
 pub fn write_sample_file(path: &Path, format: DirFormat, objects: &[ObjectData<'_>]) -> Result<()> {
+    write_sample_file_as(path, format, objects, Publish::Replace)
+}
+
+/// [`write_sample_file`], published as `publish` says ([`Publish::New`]: only under a free name).
+pub fn write_sample_file_as(
+    path: &Path,
+    format: DirFormat,
+    objects: &[ObjectData<'_>],
+    publish: Publish,
+) -> Result<()> {
     let tensors: Vec<(&str, ferry_core::TensorView<'_>)> = objects.iter().map(|o| (o.name, o.tensor)).collect();
     match format {
-        DirFormat::TorchZip => ferry_format::write_torch_zip(path, &tensors),
-        DirFormat::Safetensors => ferry_format::write_safetensors(path, &tensors),
+        DirFormat::TorchZip => ferry_format::write_torch_zip_as(path, &tensors, publish),
+        DirFormat::Safetensors => ferry_format::write_safetensors_as(path, &tensors, publish),
     }
 }
 
@@ -123,6 +169,7 @@ pub fn write_sample_file(path: &Path, format: DirFormat, objects: &[ObjectData<'
 pub struct SharedDirBackend {
     root: PathBuf,
     format: DirFormat,
+    supersede: Supersede,
     /// Store ids whose generation mark this process has seeded from the files on disk.
     seeded: Mutex<std::collections::HashSet<StoreId>>,
 }
@@ -135,6 +182,7 @@ impl SharedDirBackend {
         Ok(SharedDirBackend {
             root,
             format: DirFormat::default(),
+            supersede: Supersede::default(),
             seeded: Mutex::new(std::collections::HashSet::new()),
         })
     }
@@ -142,6 +190,12 @@ impl SharedDirBackend {
     /// The same backend, writing `format`.
     pub fn with_format(mut self, format: DirFormat) -> Self {
         self.format = format;
+        self
+    }
+
+    /// The same backend, handling other writers' older generation files as `supersede` says.
+    pub fn with_supersede(mut self, supersede: Supersede) -> Self {
+        self.supersede = supersede;
         self
     }
 
@@ -253,17 +307,41 @@ impl ByteBackend for SharedDirBackend {
 
     fn write(&self, sample: SampleKey<'_>, objects: &[ObjectData<'_>]) -> Result<()> {
         self.store_dir(sample.store_id)?;
-        write_sample_file(&self.sample_path(sample, self.format.extension())?, self.format, objects)?;
-        // Older generations of this sample are superseded now, whoever wrote them (another
-        // process, or a SpecForge writer, which this process's index never saw): remove their
-        // files, as SpecForge's put does, so a stale ref finds nothing instead of old bytes.
-        for (generation, path) in self.sample_files(sample.store_id, sample.sample_id)? {
-            if generation < sample.generation {
-                match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    Err(e) => return Err(self.io_err("remove superseded", path.display(), &e)),
+        let path = self.sample_path(sample, self.format.extension())?;
+        match write_sample_file_as(&path, self.format, objects, Publish::New) {
+            Err(Error::Io { kind: ErrorKind::AlreadyExists, .. }) => {
+                // Another writer published this very generation between the reservation and now
+                // (one that does not keep the mark): never rename over it.
+                return Err(Error::Backend {
+                    backend: "shared_dir".into(),
+                    operation: "write".into(),
+                    key: path.display().to_string(),
+                    message: format!(
+                        "generation {} of sample {} was published by another writer that does not keep {GENERATION_FILE} \
+                         (SpecForge's SharedDirFeatureStore?) while this put was writing it; nothing was replaced: \
+                         retry the put",
+                        sample.generation, sample.sample_id
+                    ),
+                });
+            }
+            other => other?,
+        }
+        if self.supersede == Supersede::Scan {
+            // The new generation is published; older files of the sample are unreachable through
+            // any index now, so removing them is best effort: a failure is logged, not the put's.
+            match self.sample_files(sample.store_id, sample.sample_id) {
+                Ok(files) => {
+                    for (generation, old) in files.into_iter().filter(|(g, _)| *g < sample.generation) {
+                        match fs::remove_file(&old) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == ErrorKind::NotFound => {}
+                            Err(e) => tracing::warn!(file = %old.display(), %generation, error = %e,
+                                "could not remove a superseded generation file; the put stands"),
+                        }
+                    }
                 }
+                Err(e) => tracing::warn!(sample = %sample, error = %e,
+                    "could not list superseded generation files; the put stands"),
             }
         }
         Ok(())
@@ -324,6 +402,15 @@ impl ByteBackend for SharedDirBackend {
     fn reserve_generation(&self, store_id: &StoreId, sample_id: &SampleId, proposed: Generation) -> Result<Generation> {
         let dir = self.store_dir(store_id)?;
         let path = dir.join(GENERATION_FILE);
+        // Scan mode numbers the put above every file of the sample (SpecForge's max + 1 rule
+        // for writers that do not keep the mark); listed before taking the store-wide lock, so
+        // other writers do not queue behind the listing.
+        let sample_high = match self.supersede {
+            Supersede::Scan => {
+                self.sample_files(store_id, sample_id)?.into_iter().map(|(g, _)| g.get()).max().unwrap_or(0)
+            }
+            Supersede::Own => 0,
+        };
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -343,19 +430,21 @@ impl ByteBackend for SharedDirBackend {
             high = Some(high.unwrap_or(0).max(on_disk));
             seeded.insert(store_id.clone());
         }
-        // A writer that does not keep the mark (SpecForge's SharedDirFeatureStore numbers a
-        // re-put from the sample's own files) may have gone past it for this sample: never
-        // hand out a generation at or below one on disk, or a rename would put new bytes under
-        // a ref that is already out.
-        let sample_high = self.sample_files(store_id, sample_id)?.into_iter().map(|(g, _)| g.get()).max().unwrap_or(0);
-        high = Some(high.unwrap_or(0).max(sample_high));
-        let next = high.unwrap_or(0).checked_add(1).ok_or_else(|| Error::Backend {
+        let exhausted = || Error::Backend {
             backend: "shared_dir".into(),
             operation: "reserve generation".into(),
             key: path.display().to_string(),
             message: "the store has reached the largest generation (u64::MAX); a file or the mark is corrupt".into(),
-        })?;
-        let generation = proposed.get().max(next);
+        };
+        let next = high.unwrap_or(0).max(sample_high).checked_add(1).ok_or_else(exhausted)?;
+        let mut generation = proposed.get().max(next);
+        // Step over a generation of this sample that a writer without the mark already took.
+        while self.extensions().iter().any(|ext| {
+            let key = SampleKey { store_id, sample_id, generation: Generation::new(generation) };
+            self.sample_path(key, ext).is_ok_and(|p| p.exists())
+        }) {
+            generation = generation.checked_add(1).ok_or_else(exhausted)?;
+        }
         file.set_len(0).map_err(|e| self.io_err("truncate", path.display(), &e))?;
         file.seek(SeekFrom::Start(0)).map_err(|e| self.io_err("seek", path.display(), &e))?;
         file.write_all(format!("{generation}\n").as_bytes()).map_err(|e| self.io_err("write", path.display(), &e))?;

@@ -3,7 +3,7 @@
 //! `ferry+unix://` (the node daemon) and `mooncake://` are reserved for the backends that
 //! later issues add; naming one today is an error that says so.
 
-use crate::dir::{DirFormat, SharedDirBackend};
+use crate::dir::{DirFormat, SharedDirBackend, Supersede};
 use crate::lifecycle::{FeatureStore, StoreOptions};
 use crate::mem::MemoryBackend;
 use ferry_core::{Error, Result, StoreId};
@@ -17,12 +17,14 @@ pub enum StoreUri {
         /// Store id from the URI, if given.
         store_id: Option<StoreId>,
     },
-    /// `dir://<root>[?format=ckpt|safetensors]` (absolute or relative path).
+    /// `dir://<root>[?format=ckpt|safetensors][&supersede=own|scan]` (absolute or relative path).
     SharedDir {
         /// The root directory.
         root: PathBuf,
         /// The format new samples are written in (both are read).
         format: DirFormat,
+        /// What a put does about other writers' older generation files.
+        supersede: Supersede,
     },
 }
 
@@ -43,17 +45,19 @@ impl StoreUri {
             "dir" => {
                 let (root, query) = rest.split_once('?').unwrap_or((rest, ""));
                 let mut format = DirFormat::default();
+                let mut supersede = Supersede::default();
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
                     match pair.split_once('=') {
                         Some(("format", value)) => format = DirFormat::parse(value)?,
+                        Some(("supersede", value)) => supersede = Supersede::parse(value)?,
                         _ => {
                             return Err(Error::InvalidArgument(format!(
-                                "unknown dir:// option {pair:?} in {uri:?}; the only option is format=ckpt|safetensors"
+                                "unknown dir:// option {pair:?} in {uri:?}; the options are format=ckpt|safetensors and supersede=own|scan"
                             )));
                         }
                     }
                 }
-                Ok(StoreUri::SharedDir { root: PathBuf::from(root), format })
+                Ok(StoreUri::SharedDir { root: PathBuf::from(root), format, supersede })
             }
             "file" | "ferry" | "ferry+unix" | "mooncake" => Err(Error::InvalidArgument(format!(
                 "store URI scheme {scheme}:// is not available in this build yet; use mem:// or dir://<root>"
@@ -74,8 +78,8 @@ pub fn open_store(uri: &str, mut options: StoreOptions) -> Result<FeatureStore> 
             }
             FeatureStore::open(MemoryBackend::default(), options)
         }
-        StoreUri::SharedDir { root, format } => {
-            FeatureStore::open(SharedDirBackend::new(root)?.with_format(format), options)
+        StoreUri::SharedDir { root, format, supersede } => {
+            FeatureStore::open(SharedDirBackend::new(root)?.with_format(format).with_supersede(supersede), options)
         }
     }
 }
@@ -90,13 +94,18 @@ mod tests {
         assert_eq!(StoreUri::parse("mem://").unwrap(), StoreUri::Memory { store_id: None });
         assert_eq!(
             StoreUri::parse("dir:///tmp/x").unwrap(),
-            StoreUri::SharedDir { root: "/tmp/x".into(), format: DirFormat::TorchZip }
+            StoreUri::SharedDir { root: "/tmp/x".into(), format: DirFormat::TorchZip, supersede: Supersede::Own }
         );
         assert_eq!(
             StoreUri::parse("dir:///tmp/x?format=safetensors").unwrap(),
-            StoreUri::SharedDir { root: "/tmp/x".into(), format: DirFormat::Safetensors }
+            StoreUri::SharedDir { root: "/tmp/x".into(), format: DirFormat::Safetensors, supersede: Supersede::Own }
+        );
+        assert_eq!(
+            StoreUri::parse("dir:///tmp/x?supersede=scan&format=ckpt").unwrap(),
+            StoreUri::SharedDir { root: "/tmp/x".into(), format: DirFormat::TorchZip, supersede: Supersede::Scan }
         );
         assert!(StoreUri::parse("dir:///tmp/x?fmt=ckpt").unwrap_err().to_string().contains("format=ckpt|safetensors"));
+        assert!(StoreUri::parse("dir:///tmp/x?supersede=all").unwrap_err().to_string().contains("own"));
         for bad in ["dir://", "s3://b", "nope", "mooncake://x"] {
             let err = StoreUri::parse(bad).unwrap_err().to_string();
             assert!(err.contains("mem://"), "{bad}: {err}");

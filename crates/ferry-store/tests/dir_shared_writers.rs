@@ -1,23 +1,41 @@
 //! A `dir://` store shared with other writers: another ferry store over the same directory
 //! (its own index, as another process has) and a writer that does not keep ferry's generation
 //! mark (SpecForge's `SharedDirFeatureStore`, stood in for by writing its file name directly).
-//! A re-put removes every older generation file of the sample, and a generation is never handed
-//! out at or below one already on disk, so a stale ref is refused instead of reading new bytes.
+//! A generation another writer published is never reused or replaced (any mode); with
+//! `supersede=scan` a re-put also removes every older generation file of the sample and numbers
+//! itself above them, so other writers' stale refs are refused.
 //! (The same behaviours against the real SpecForge code: `crates/ferry-py/python/tests/
 //! test_specforge_interop.py`.)
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 
 use ferry_core::{DType, Error, JsonMap, SampleRef, StoreId, TensorView};
+use ferry_format::Publish;
 use ferry_store::backend::ObjectData;
-use ferry_store::dir::{DirFormat, write_sample_file};
+use ferry_store::dir::{DirFormat, write_sample_file, write_sample_file_as};
 use ferry_store::{FeatureStore, StoreOptions, open_store};
 use serde_json::json;
 use std::path::Path;
 
 fn open_dir(root: &Path, retain: bool) -> FeatureStore {
+    open_dir_with(root, retain, "")
+}
+
+fn open_dir_with(root: &Path, retain: bool, query: &str) -> FeatureStore {
     let options =
         StoreOptions { store_id: Some(StoreId::new("st")), retain_on_release: retain, ..StoreOptions::default() };
-    open_store(&format!("dir://{}", root.display()), options).expect("open dir:// store")
+    open_store(&format!("dir://{}{query}", root.display()), options).expect("open dir:// store")
+}
+
+/// Writes `b.g<generation>.ckpt` as a writer without the mark would (SpecForge's name).
+fn foreign_put(root: &Path, sid: &str, generation: u64, value: f32) {
+    let bytes: Vec<u8> = [value; 4].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = TensorView::new(DType::Float32, &[4], &bytes).unwrap();
+    write_sample_file(
+        &root.join("st").join(format!("{sid}.g{generation}.ckpt")),
+        DirFormat::TorchZip,
+        &[ObjectData { name: "x", tensor: view }],
+    )
+    .unwrap();
 }
 
 fn put(store: &FeatureStore, sid: &str, value: f32) -> SampleRef {
@@ -44,9 +62,10 @@ fn files(root: &Path) -> Vec<String> {
 }
 
 #[test]
-fn a_reput_by_another_writer_removes_the_older_generation_file() {
+fn with_supersede_scan_a_reput_by_another_writer_removes_the_older_generation_file() {
     let dir = tempfile::tempdir().unwrap();
-    let (first, second) = (open_dir(dir.path(), true), open_dir(dir.path(), true));
+    let (first, second) =
+        (open_dir_with(dir.path(), true, "?supersede=scan"), open_dir_with(dir.path(), true, "?supersede=scan"));
     let old = put(&first, "c", 1.0);
     let new = put(&second, "c", 2.0);
     assert!(new.generation() > old.generation());
@@ -58,26 +77,62 @@ fn a_reput_by_another_writer_removes_the_older_generation_file() {
 }
 
 #[test]
-fn a_generation_a_foreign_writer_took_is_never_reused() {
+fn by_default_a_reput_leaves_other_writers_files_to_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (open_dir(dir.path(), true), open_dir(dir.path(), true));
+    let old = put(&first, "c", 1.0);
+    let new = put(&second, "c", 2.0);
+    assert!(new.generation() > old.generation(), "the shared mark keeps generations apart");
+    assert_eq!(files(dir.path()).len(), 2, "O(1) puts: no listing, so the first writer's file stays its own");
+    assert_eq!((read(&first, &old).unwrap(), read(&second, &new).unwrap()), (1.0, 2.0));
+}
+
+#[test]
+fn a_generation_a_foreign_writer_published_is_never_reused() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_dir(dir.path(), true);
     let ours = put(&store, "b", 1.0);
-    // A writer that numbers re-puts from the sample's own files (max + 1), twice, without the
-    // mark: generation 3 is on disk, the mark still says 1.
+    // A writer without the mark re-puts b at max-on-disk + 1, the generation ferry would take.
+    let theirs = ours.generation().unwrap().get() + 1;
+    foreign_put(dir.path(), "b", theirs, 9.0);
+    let next = put(&store, "b", 7.0);
+    assert!(next.generation().unwrap().get() > theirs, "{next:?} reused generation {theirs}");
+    let foreign = dir.path().join("st").join(format!("b.g{theirs}.ckpt"));
+    let bytes = std::fs::read(&foreign).unwrap();
+    assert!(bytes.windows(16).any(|w| w == [0, 0, 16, 65].repeat(4)), "the foreign file still holds its 9.0s");
+    assert_eq!(read(&store, &next).unwrap(), 7.0);
+}
+
+#[test]
+fn with_supersede_scan_a_put_numbers_itself_above_foreign_files_and_removes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_dir_with(dir.path(), true, "?supersede=scan");
+    let ours = put(&store, "b", 1.0);
+    // A writer without the mark re-put b twice (SpecForge removes the older file): generation 3
+    // is on disk, the mark still says 1.
     let theirs = ours.generation().unwrap().get() + 2;
-    let bytes: Vec<u8> = [9.0f32; 4].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = TensorView::new(DType::Float32, &[4], &bytes).unwrap();
-    write_sample_file(
-        &dir.path().join("st").join(format!("b.g{theirs}.ckpt")),
-        DirFormat::TorchZip,
-        &[ObjectData { name: "x", tensor: view }],
-    )
-    .unwrap();
+    foreign_put(dir.path(), "b", theirs, 9.0);
     std::fs::remove_file(dir.path().join("st").join(format!("b.g{}.ckpt", ours.generation().unwrap()))).unwrap();
     let next = put(&store, "b", 7.0);
-    assert!(next.generation().unwrap().get() > theirs, "{next:?} reused or went below generation {theirs}");
+    assert!(next.generation().unwrap().get() > theirs, "{next:?} went below generation {theirs}");
     assert_eq!(files(dir.path()), [format!("b.g{}.ckpt", next.generation().unwrap())]);
     assert_eq!(read(&store, &next).unwrap(), 7.0);
+}
+
+#[test]
+fn publishing_under_a_taken_name_fails_and_replaces_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("st")).unwrap();
+    foreign_put(dir.path(), "d", 1, 9.0);
+    let path = dir.path().join("st").join("d.g1.ckpt");
+    let before = std::fs::read(&path).unwrap();
+    let bytes = [0u8; 16];
+    let view = TensorView::new(DType::Float32, &[4], &bytes).unwrap();
+    let err = write_sample_file_as(&path, DirFormat::TorchZip, &[ObjectData { name: "x", tensor: view }], Publish::New)
+        .unwrap_err();
+    assert!(matches!(err, Error::Io { kind: std::io::ErrorKind::AlreadyExists, .. }), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert_eq!(std::fs::read_dir(dir.path().join("st")).unwrap().count(), 1, "no temporary file left behind");
 }
 
 #[test]

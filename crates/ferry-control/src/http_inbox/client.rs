@@ -8,7 +8,7 @@ use ferry_core::{Error, Result, SampleRef};
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Attempts of one consumed acknowledgement (SpecForge's).
 pub const ACK_ATTEMPTS: usize = 4;
@@ -20,6 +20,17 @@ const ACK_BACKOFF: [Duration; ACK_ATTEMPTS - 1] =
 /// The largest response body read (a SpecForge server answers with everything from the offset
 /// to the end of the file, uncapped).
 const MAX_RESPONSE: u64 = 256 << 20;
+
+/// The least time between two network pulls of one inbox: a caller may poll every few
+/// milliseconds (a local inbox file costs nothing to re-read), but each pull is an HTTP request
+/// rank 0 answers while it trains, so polls and status probes in between are answered from what
+/// the last pull brought (SpecForge's queue polls every 0.1 s).
+pub(crate) const MIN_PULL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Consecutive failed pulls after which each further one is logged as a warning (every
+/// `FAILED_PULLS_WARN_EVERY`-th), naming the URL: a few are ordinary hiccups, a run of them is
+/// rank 0 unreachable.
+const FAILED_PULLS_WARN_EVERY: u64 = 20;
 
 /// SpecForge's prefix of an inbox failure.
 const DISTRIBUTOR_DIED: &str = "ref-distributor died:\n";
@@ -43,13 +54,20 @@ struct Pulled {
     failure: Option<String>,
     /// The last answer's `consumed` (ferry's server only).
     server_consumed: Option<u64>,
+    /// When the last network pull was sent (successful or not).
+    last_pull: Option<Instant>,
+    /// Pulls that failed in a row.
+    failed_pulls: u64,
 }
 
 /// Why a request got no usable answer.
 enum Failed {
-    /// The network or the server hiccuped (connection refused or reset, timeout, 5xx): a later
-    /// request may succeed.
+    /// The network hiccuped (connection refused or reset, timeout): a later request may
+    /// succeed.
     Transient(String, std::io::ErrorKind),
+    /// The server answered `5xx`: a later request may succeed, but if none does, the server's
+    /// own text says what is wrong (a full disk, a corrupt counter), not the network.
+    Server(String),
     /// Retrying cannot help.
     Fatal(Error),
 }
@@ -93,6 +111,8 @@ pub struct RemoteInbox {
     rank: usize,
     url: String,
     agent: ureq::Agent,
+    /// [`MIN_PULL_INTERVAL`] unless set otherwise ([`RemoteInbox::with_min_pull_interval`]).
+    min_pull_interval: Duration,
     pulled: Mutex<Pulled>,
     /// The last target the server confirmed; held across a whole acknowledgement so
     /// concurrent callers post increasing targets.
@@ -136,10 +156,17 @@ impl RemoteInbox {
             origin,
             rank,
             agent,
+            min_pull_interval: MIN_PULL_INTERVAL,
             pulled: Mutex::new(Pulled::default()),
             consumed: Mutex::new(0),
             poisoned: Mutex::new(None),
         })
+    }
+
+    /// The same inbox, pulling the network at most once per `interval` (tests use zero).
+    pub fn with_min_pull_interval(mut self, interval: Duration) -> Self {
+        self.min_pull_interval = interval;
+        self
     }
 
     /// The server's origin.
@@ -202,7 +229,7 @@ impl RemoteInbox {
             200 => serde_json::from_slice(&body).map_err(|e| {
                 Failed::Fatal(Error::Corrupt { what: format!("inbox HTTP answer from {url}"), message: e.to_string() })
             }),
-            500..=599 => Err(Failed::Transient(format!("HTTP {status}: {}", text()), std::io::ErrorKind::Other)),
+            500..=599 => Err(Failed::Server(format!("HTTP {status}: {}", text()))),
             _ => Err(Failed::Fatal(Error::Protocol {
                 context: url.to_owned(),
                 message: format!("HTTP {status}: {}", text()),
@@ -259,12 +286,26 @@ impl RemoteInbox {
         Ok(())
     }
 
-    /// A pull whose transport failures read as "nothing new".
+    /// A pull whose transport and server failures read as "nothing new", at most once per
+    /// [`MIN_PULL_INTERVAL`] (sooner calls answer from what the last pull brought).
     fn pull_lenient(&self, pulled: &mut Pulled) -> Result<()> {
+        if pulled.last_pull.is_some_and(|t| t.elapsed() < self.min_pull_interval) {
+            return Ok(());
+        }
+        pulled.last_pull = Some(Instant::now());
         match self.pull(pulled) {
-            Ok(()) => Ok(()),
-            Err(Failed::Transient(message, _)) => {
-                tracing::debug!(url = %self.url, error = %message, "inbox HTTP pull failed; nothing new this time");
+            Ok(()) => {
+                pulled.failed_pulls = 0;
+                Ok(())
+            }
+            Err(Failed::Transient(message, _) | Failed::Server(message)) => {
+                pulled.failed_pulls += 1;
+                if pulled.failed_pulls.is_multiple_of(FAILED_PULLS_WARN_EVERY) {
+                    tracing::warn!(url = %self.url, failed_in_a_row = pulled.failed_pulls, error = %message,
+                        "inbox HTTP pulls keep failing; the queue's idle timeout decides whether rank 0 is gone");
+                } else {
+                    tracing::debug!(url = %self.url, error = %message, "inbox HTTP pull failed; nothing new this time");
+                }
                 Ok(())
             }
             Err(Failed::Fatal(e)) => Err(e),
@@ -343,6 +384,7 @@ impl RefSource for RemoteInbox {
         let url = format!("{}/consumed", self.url);
         let body = serde_json::json!({ "target": target }).to_string();
         let mut last = String::new();
+        let mut last_was_server = false;
         for attempt in 0..ACK_ATTEMPTS {
             let response = self
                 .agent
@@ -366,14 +408,24 @@ impl RefSource for RemoteInbox {
                     return Ok(());
                 }
                 Err(Failed::Fatal(e)) => return Err(e),
-                Err(Failed::Transient(message, _)) => {
-                    tracing::debug!(url = %url, attempt, error = %message, "inbox HTTP acknowledgement failed");
-                    last = message;
-                    if let Some(pause) = ACK_BACKOFF.get(attempt) {
-                        std::thread::sleep(*pause);
-                    }
-                }
+                Err(Failed::Server(message)) => (last, last_was_server) = (message, true),
+                Err(Failed::Transient(message, _)) => (last, last_was_server) = (message, false),
             }
+            tracing::debug!(url = %url, attempt, error = %last, "inbox HTTP acknowledgement failed");
+            if let Some(pause) = ACK_BACKOFF.get(attempt) {
+                std::thread::sleep(*pause);
+            }
+        }
+        if last_was_server {
+            // Rank 0's relay answers, but cannot record the acknowledgement: a fault on rank 0
+            // (its text says which), not a lost peer.
+            return Err(Error::Protocol {
+                context: format!("inbox HTTP consumed acknowledgement to {url}"),
+                message: format!(
+                    "rank 0's inbox relay could not record consumed target {target} ({ACK_ATTEMPTS} attempts; last \
+                     answer: {last})"
+                ),
+            });
         }
         // Rank 0's relay is unreachable: rank 0 is gone (or cut off). That is a crash of the
         // consumer, which a resume recovers, never a terminal failure to publish.
@@ -396,6 +448,12 @@ impl RefSource for RemoteInbox {
                 return Err(Error::Io {
                     context: format!("seeding the consumed count from {}", self.url),
                     kind,
+                    message,
+                });
+            }
+            Err(Failed::Server(message)) => {
+                return Err(Error::Protocol {
+                    context: format!("seeding the consumed count from {}", self.url),
                     message,
                 });
             }

@@ -299,7 +299,9 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         let sizes = req.tensors.iter().map(|t| Ok((t.name.as_str(), t.nbytes()?))).collect::<Result<Vec<_>>>()?;
         let reservation = arena.reserve(pending.key(), &sizes, deadline)?;
         let waited = started.elapsed();
-        if waited > Duration::from_millis(1) {
+        // Only a put with a deadline can wait (one without fails at once when full); a slow
+        // admission of one without (a loaded machine) is not a wait for room.
+        if deadline.is_some() && waited > Duration::from_millis(1) {
             shared.metrics.admit_wait(waited);
         }
         Ok(OpenPut { pending, reservation })

@@ -85,7 +85,9 @@ def to_torch(array: Any, dtype: str | None = None) -> Any:
 
     bfloat16 arrays (``ml_dtypes.bfloat16``), and ``uint16``/``int16`` arrays when
     ``dtype="bfloat16"``, become ``torch.bfloat16`` tensors. torch tensors are returned as
-    they are. Needs torch.
+    they are. Needs torch. torch has no read-only tensors: the tensor of a borrowed lease's
+    array (read-only, over a daemon's shared memory every reader sees) must be treated as
+    read-only (write to a ``.clone()``); torch warns about other read-only arrays itself.
     """
     import torch
 
@@ -106,6 +108,25 @@ def to_torch(array: Any, dtype: str | None = None) -> Any:
             raise InvalidArgumentError(f"a {array.dtype} array cannot hold bfloat16 values")
         return torch.from_numpy(array.view(numpy.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
+
+
+class _WritableAliasOf:
+    """An array interface over the memory of a read-only ``array``, declared writable. It
+    holds ``array``, so the alias keeps the array (and its lease's pin) alive."""
+
+    __slots__ = ("__array_interface__", "_array")
+
+    def __init__(self, array: numpy.ndarray) -> None:
+        interface = dict(array.__array_interface__)
+        interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
+        self._array = array
+
+
+def _writable_alias(array: numpy.ndarray) -> numpy.ndarray:
+    """A writable numpy view of read-only ``array``'s memory, with its dtype (the interface
+    carries custom dtypes such as ``ml_dtypes.bfloat16`` as raw bytes of the same size)."""
+    return numpy.asarray(_WritableAliasOf(array)).view(array.dtype)
 
 
 def _dlpack_exporter(array: Any) -> Any:
@@ -136,14 +157,19 @@ def to_dlpack(array: Any) -> Any:
 
 
 def _to_torch_dict(tensors: dict[str, Any], dtypes: dict[str, str]) -> dict[str, Any]:
-    """``Lease.to_torch``: every array as a torch tensor over the same memory.
+    """``Lease.to_torch`` and ``Batch.to_torch``: every array as a torch tensor over the same
+    memory.
 
-    A borrowed lease's arrays are read-only numpy views of a daemon's shared memory; torch has
-    no read-only tensors and warns when it wraps one. The contract is documented on
-    ``Lease.to_torch`` (treat such tensors as read-only), so that one warning is silenced here,
-    for these calls only."""
-    import warnings
+    A borrowed lease's arrays are read-only, over a daemon's shared memory. torch has no
+    read-only tensors and would warn, once per process, so that the caller's own read-only
+    arrays would then go unwarned; the contract is documented instead (treat such tensors as
+    read-only), and torch gets a writable alias of the same memory. No warning filter is
+    touched: ``warnings.catch_warnings`` swaps the process-wide filters under other threads."""
+    return {
+        name: to_torch(_writable_alias(value) if _is_read_only_array(value) else value, dtypes.get(name))
+        for name, value in tensors.items()
+    }
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        return {name: to_torch(value, dtypes.get(name)) for name, value in tensors.items()}
+
+def _is_read_only_array(value: Any) -> bool:
+    return isinstance(value, numpy.ndarray) and not value.flags.writeable

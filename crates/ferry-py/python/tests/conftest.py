@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,18 @@ print(json.dumps({"tcp": d.tcp_uri, "unix": d.unix_uri}), flush=True)
 sys.stdin.read()
 d.stop()
 """
+
+
+@pytest.fixture
+def ctrl_c():
+    """Makes Ctrl-C (SIGINT, and ``_thread.interrupt_main``) raise ``KeyboardInterrupt`` in the
+    main thread for the test, whoever started pytest: a shell starts a background job with SIGINT
+    ignored, and Python then installs no handler, so a test of Ctrl-C would wait for ever."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

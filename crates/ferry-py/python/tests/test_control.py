@@ -154,6 +154,7 @@ def test_consumer_config_fields_and_quantum(tmp_path):
         _dirs(tmp_path, batch=0)
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_a_paused_producer_resumes_after_acks(tmp_path):
     store = ferry.open_store(f"mem://p{uuid.uuid4().hex[:8]}", retain_on_release=True)
     config = _dirs(tmp_path)  # quantum 2
@@ -217,6 +218,7 @@ def test_a_consumer_failure_reaches_the_producer(tmp_path):
     assert store.health()["resident_samples"] == 0
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_next_step_is_interruptible_and_resumable(tmp_path):
     store = ferry.open_store(f"mem://i{uuid.uuid4().hex[:8]}", retain_on_release=True)
     config = _dirs(tmp_path, batch=1, accumulation=2)

@@ -116,6 +116,7 @@ def test_a_budget_wait_ends_when_room_appears():
     assert r.estimated_bytes == 512
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_ctrl_c_interrupts_a_budget_wait():
     store = ferry.open_store("mem://", max_resident_bytes=1024)
     store.put(sid(), {"a": np.zeros(1024, dtype=np.uint8)})

@@ -270,6 +270,7 @@ def test_close_ends_a_pass_waiting_for_refs(prefetch_depth):
 # --- Ctrl-C ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("ctrl_c")
 @pytest.mark.parametrize("prefetch_depth", [0, 2])
 def test_ctrl_c_ends_a_wait_for_refs_and_a_new_pass_goes_on(prefetch_depth):
     store = consume_once_store()

@@ -148,10 +148,13 @@ def assert_same_tensor(got, want, what: str = "") -> None:
     assert raw_bytes(got) == raw_bytes(want), f"{what}: bytes differ"
 
 
-def ferry_dir(root: Path, store_id: str, **options) -> ferry.Store:
+def ferry_dir(root: Path, store_id: str, *, supersede: str | None = None, **options) -> ferry.Store:
     """A ferry store over SpecForge's layout: `dir://<root>` with `store_id` is
-    `<root>/<store_id>/`, the directory `SharedDirFeatureStore(root, store_id)` uses."""
-    return ferry.open_store(f"dir://{root}", store_id=store_id, **options)
+    `<root>/<store_id>/`, the directory `SharedDirFeatureStore(root, store_id)` uses.
+    `supersede="scan"`: a put removes every older generation file of its sample, as
+    SpecForge's put does (one directory listing per put; ferry's default is O(1))."""
+    query = f"?supersede={supersede}" if supersede else ""
+    return ferry.open_store(f"dir://{root}{query}", store_id=store_id, **options)
 
 
 def gen_files(root: Path, store_id: str) -> list[str]:
@@ -493,7 +496,7 @@ def test_stale_ref_after_a_ferry_reput_of_its_own_sample_is_refused_by_both(tmp_
 def test_stale_ref_after_a_ferry_reput_of_a_specforge_sample_is_refused_by_both(tmp_path):
     sf_store = SharedDirFeatureStore(str(tmp_path), "st")
     old = sf_store.put({"x": torch.zeros(3)}, sample_id="a", metadata={})
-    store = ferry_dir(tmp_path, "st")
+    store = ferry_dir(tmp_path, "st", supersede="scan")
     new = store.put("a", {"x": torch.ones(3)})
     with pytest.raises(ferry.StaleRefError):
         store.get(ferry.SampleRef.from_json(sf_compact(old)))  # ferry itself refuses it
@@ -503,7 +506,7 @@ def test_stale_ref_after_a_ferry_reput_of_a_specforge_sample_is_refused_by_both(
 
 
 def test_stale_ref_after_a_reput_by_another_ferry_writer_is_refused(tmp_path):
-    first, second = ferry_dir(tmp_path, "st"), ferry_dir(tmp_path, "st")
+    first, second = ferry_dir(tmp_path, "st", supersede="scan"), ferry_dir(tmp_path, "st", supersede="scan")
     old = first.put("c", {"x": torch.zeros(3)})
     new = second.put("c", {"x": torch.ones(3)})
     assert new.generation > old.generation
@@ -514,15 +517,32 @@ def test_stale_ref_after_a_reput_by_another_ferry_writer_is_refused(tmp_path):
 
 
 def test_ferry_never_reuses_a_generation_specforge_wrote(tmp_path):
+    # SpecForge numbers a re-put from the sample's files (max + 1) and never moves ferry's mark.
+    # By default ferry steps over the generation it took (two stats, no listing) and leaves
+    # SpecForge's file to SpecForge: its ref still reads its own bytes, never ferry's.
     store = ferry_dir(tmp_path, "st")
-    sf_store = SharedDirFeatureStore(str(tmp_path), "st")
+    sf_store = SharedDirFeatureStore(str(tmp_path), "st", retain_on_release=True)
     first = store.put("b", {"x": torch.zeros(3)})
     theirs = sf_store.put({"x": torch.ones(3)}, sample_id="b", metadata={})
     assert theirs.metadata["generation"] > first.generation
     ours = store.put("b", {"x": torch.full((3,), 7.0)})
     assert ours.generation > theirs.metadata["generation"]
+    got, _ = sf_store.get(theirs)
+    assert got["x"].tolist() == [1.0, 1.0, 1.0], "SpecForge's ref reads SpecForge's bytes"
+
+
+def test_with_supersede_scan_ferry_numbers_above_specforge_and_retires_its_file(tmp_path):
+    store = ferry_dir(tmp_path, "st", supersede="scan")
+    sf_store = SharedDirFeatureStore(str(tmp_path), "st")
+    first = store.put("b", {"x": torch.zeros(3)})
+    theirs = sf_store.put({"x": torch.ones(3)}, sample_id="b", metadata={})
+    again = sf_store.put({"x": torch.ones(3)}, sample_id="b", metadata={})  # removes theirs' file
+    assert again.metadata["generation"] > theirs.metadata["generation"] > first.generation
+    ours = store.put("b", {"x": torch.full((3,), 7.0)})
+    assert ours.generation > again.metadata["generation"]
+    assert gen_files(tmp_path, "st") == [f"b.g{ours.generation}.ckpt"]
     with pytest.raises(KeyError):
-        sf_store.get(theirs)
+        sf_store.get(again)
 
 
 # --- the Mooncake plug-in, with one client both sides share ----------------------------------

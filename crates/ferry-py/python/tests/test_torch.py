@@ -151,6 +151,40 @@ def test_torch_views_of_a_borrowed_lease_pin_the_arena():
             shm.close()
 
 
+BORROWED_TO_TORCH_MAIN = """
+import sys, warnings
+import numpy as np, torch, ferry
+shm = ferry.open_store(sys.argv[1], secret=sys.argv[2], route="shm")
+ref = shm.put("w0", {"a": np.arange(16, dtype=np.float32)})
+lease = shm.get(ref, borrow=True)
+assert not lease.tensors["a"].flags.writeable
+tensor = lease.to_torch()["a"]  # -W error: a warning here is an exception
+assert torch.equal(tensor, torch.arange(16, dtype=torch.float32))
+del tensor
+lease.release()
+shm.close()
+mine = np.zeros(4)
+mine.flags.writeable = False
+try:
+    torch.from_numpy(mine)
+except UserWarning as e:
+    print("user-warned:", e)
+"""
+
+
+def test_borrowed_to_torch_is_silent_and_leaves_the_callers_warnings_alone():
+    # A fresh interpreter: torch warns about a read-only array once per process.
+    with daemon_process(8 << 20, prefix="ferry-torch-warn-") as info:
+        out = subprocess.run(
+            [sys.executable, "-W", "error::UserWarning", "-c", BORROWED_TO_TORCH_MAIN, info["unix"], info["secret"]],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 0, out.stderr
+    assert "user-warned: The given NumPy array is not writable" in out.stdout, out.stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
