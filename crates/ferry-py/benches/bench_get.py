@@ -32,7 +32,6 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,10 @@ from typing import Any, Callable
 import numpy as np
 
 import ferry
+
+# The tests' helper that starts a Mooncake master on loopback (one copy of that logic).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "tests"))
+import mooncake_local  # noqa: E402
 
 MIB = 1 << 20
 OBJECT_NOT_FOUND = -704
@@ -221,73 +224,24 @@ def stop_daemon(proc, tmp) -> None:
 def start_mooncake(segment_bytes: int):
     """A `mooncake_master` on free loopback ports and a real client of it (TCP transport), as
     `(proc, client, tmp)`, or a string saying why not (not installed, `libibverbs.so.1`
-    missing, the master did not start). Readiness is polled, with a 20 s deadline."""
-    try:
-        import mooncake
-        from mooncake.store import MooncakeDistributedStore
-    except Exception as e:  # ImportError, or the native library failing to load
-        return f"mooncake not importable ({type(e).__name__}: {e})"
-    binary = os.path.join(os.path.dirname(mooncake.__file__), "mooncake_master")
-    ports = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    rpc, http, metrics = ports
+    missing, the master did not start). The tests' helper (`python/tests/mooncake_local.py`)
+    starts it: free ports, readiness polled with a 20 s deadline."""
     tmp = tempfile.mkdtemp(prefix="ferry-bench-mooncake-")
-    with open(os.path.join(tmp, "master.log"), "wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--rpc_address=127.0.0.1",
-                f"--rpc_port={rpc}",
-                "--enable_http_metadata_server=true",
-                "--http_metadata_server_host=127.0.0.1",
-                f"--http_metadata_server_port={http}",
-                "--metrics_host=127.0.0.1",
-                f"--metrics_port={metrics}",
-                "--logtostderr=true",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def port_open(port: int) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + 20
-    why = None
-    while not (port_open(rpc) and port_open(http)):
-        if proc.poll() is not None:
-            why = f"mooncake_master exited with status {proc.returncode}"
-            break
-        if time.monotonic() > deadline:
-            why = "mooncake_master did not open its ports within 20 s"
-            break
-        time.sleep(0.02)
-    if why is None:
-        client = MooncakeDistributedStore()
-        rc = client.setup(
-            "127.0.0.1", f"http://127.0.0.1:{http}/metadata", segment_bytes, 16 * MIB, "tcp", "", f"127.0.0.1:{rpc}"
-        )
-        if rc == 0:
-            return proc, client, tmp
-        why = f"MooncakeDistributedStore.setup returned {rc}"
-    proc.kill()
-    proc.wait()
+    proc, info = mooncake_local.start_master(os.path.join(tmp, "master.log"))
+    if proc is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return info
+    client, why = mooncake_local.connect_client(info, segment_bytes)
+    if client is not None:
+        return proc, client, tmp
+    mooncake_local.stop_process(proc)
     shutil.rmtree(tmp, ignore_errors=True)
     return why
 
 
 def stop_mooncake(proc, client, tmp) -> None:
     client.close()  # first: a client outliving its master waits on RPC timeouts
-    proc.kill()
-    proc.wait()
+    mooncake_local.stop_process(proc)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -431,6 +385,11 @@ def run(size: int, iters: int, daemon: bool, mooncake: bool = True) -> dict[str,
                 r = bench_store(store, src, iters, "mooncake", copy)
                 add("mooncake (real client, tcp) get", r["get_s"])
                 add("mooncake (real client, tcp) get_into", r["get_into_s"])
+            # TCP needs no registered memory: without the per-call registration RDMA needs.
+            with ferry.open_store_with_backend(mc[1], retain_on_release=True, register_buffers=False) as store:
+                r = bench_store(store, src, iters, "mooncake-unregistered", copy)
+                add("mooncake, register_buffers=False get", r["get_s"])
+                add("mooncake, register_buffers=False get_into", r["get_into_s"])
             add("mooncake client's own get_into (no ferry)", bench_mooncake_raw(mc[1], src, iters, copy))
         finally:
             stop_mooncake(*mc)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import ferry
+import mooncake_local
 
 REPO = Path(__file__).resolve().parents[4]
 SECRET = "test-secret-" + uuid.uuid4().hex[:8]
@@ -142,79 +143,6 @@ def sid(prefix: str = "s") -> str:
 #: is 10 s), so the tests that wait it out stay fast, long enough that a get then release always
 #: meets it on a loaded machine.
 MOONCAKE_LEASE_TTL_MS = 1000
-MOONCAKE_START_DEADLINE_S = 20.0
-
-
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
-
-
-def _start_mooncake_master(binary: str, log_path: str, lease_ttl_ms: int):
-    """One attempt: a master on three free loopback ports. Returns `(proc, info)` once its RPC
-    and HTTP metadata ports accept connections, or `(None, why)` if it exits or misses the
-    deadline (polled every 20 ms, never a fixed sleep)."""
-    import time
-
-    rpc, http, metrics = _free_loopback_port(), _free_loopback_port(), _free_loopback_port()
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--rpc_address=127.0.0.1",
-            f"--rpc_port={rpc}",
-            "--enable_http_metadata_server=true",
-            "--http_metadata_server_host=127.0.0.1",
-            f"--http_metadata_server_port={http}",
-            "--metrics_host=127.0.0.1",
-            f"--metrics_port={metrics}",
-            f"--default_kv_lease_ttl={lease_ttl_ms}",
-            "--logtostderr=true",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    log.close()
-    deadline = time.monotonic() + MOONCAKE_START_DEADLINE_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return None, f"mooncake_master exited with status {proc.returncode}"
-        if _port_open(rpc) and _port_open(http):
-            info = {
-                "master_server_addr": f"127.0.0.1:{rpc}",
-                "metadata_server": f"http://127.0.0.1:{http}/metadata",
-                "rpc_port": rpc,
-                "http_port": http,
-                "lease_ttl_s": lease_ttl_ms / 1000,
-                "pid": proc.pid,
-            }
-            return proc, info
-        time.sleep(0.02)
-    _stop_process(proc)
-    return None, f"mooncake_master did not open its ports within {MOONCAKE_START_DEADLINE_S:g} s"
-
-
-def _stop_process(proc) -> None:
-    proc.kill()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a kill that did not land
-        pass
-
 
 @pytest.fixture(scope="session")
 def mooncake_master():
@@ -222,58 +150,25 @@ def mooncake_master():
     loopback ports with a short read lease, for the session; killed at the end. Skips, with the
     reason, when Mooncake is not importable (not installed, or `libibverbs.so.1` missing) or
     the master does not start."""
-    try:
-        import mooncake
-        from mooncake.store import MooncakeDistributedStore  # noqa: F401 - needs libibverbs
-    except Exception as e:  # ImportError, OSError from the native library
-        pytest.skip(f"mooncake not importable ({type(e).__name__}: {e}); scripts/test-python installs it")
-    binary = os.path.join(os.path.dirname(mooncake.__file__), "mooncake_master")
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"no mooncake_master binary at {binary}")
     tmp = tempfile.mkdtemp(prefix="ferry-mooncake-")
-    log_path = os.path.join(tmp, "master.log")
-    why = "not started"
     try:
-        for _ in range(3):  # a free port can be taken between the probe and the master's bind
-            proc, info = _start_mooncake_master(binary, log_path, MOONCAKE_LEASE_TTL_MS)
-            if proc is not None:
-                break
-            why = info
-        else:
-            with open(log_path, "rb") as f:
-                tail = f.read()[-600:].decode(errors="replace").strip()
-            pytest.skip(f"{why}; its log ends: {tail}")
+        proc, info = mooncake_local.start_master(os.path.join(tmp, "master.log"), MOONCAKE_LEASE_TTL_MS)
+        if proc is None:
+            pytest.skip(info)
         try:
-            yield {**info, "log": log_path}
+            yield info
         finally:
-            _stop_process(proc)
+            mooncake_local.stop_process(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def mooncake_setup_kwargs(master: dict, segment_bytes: int = 64 << 20) -> dict:
-    """`MooncakeDistributedStore.setup` arguments for a client of `master` over TCP on loopback
-    (the keyword names SpecForge's `MooncakeFeatureStore(setup_kwargs=...)` passes through)."""
-    return {
-        "local_hostname": "127.0.0.1",
-        "metadata_server": master["metadata_server"],
-        "global_segment_size": segment_bytes,
-        "local_buffer_size": 16 << 20,
-        "protocol": "tcp",
-        "rdma_devices": "",
-        "master_server_addr": master["master_server_addr"],
-    }
 
 
 @pytest.fixture(scope="session")
 def mooncake_client(mooncake_master):
     """A real `MooncakeDistributedStore` connected to the session's master; closed at the end
     (before the master stops: a client outliving its master waits on RPC timeouts)."""
-    from mooncake.store import MooncakeDistributedStore
-
-    client = MooncakeDistributedStore()
-    rc = client.setup(**mooncake_setup_kwargs(mooncake_master))
-    if rc != 0:
-        pytest.skip(f"MooncakeDistributedStore.setup against the loopback master returned {rc}")
+    client, why = mooncake_local.connect_client(mooncake_master)
+    if client is None:
+        pytest.skip(why)
     yield client
     client.close()

@@ -22,7 +22,7 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import mooncake_setup_kwargs
+from mooncake_local import setup_kwargs as mooncake_setup_kwargs
 
 import ferry
 
