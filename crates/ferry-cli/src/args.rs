@@ -189,6 +189,27 @@ pub(crate) enum BenchCommand {
     /// The online control plane end to end: publish, distribute through the SQLite ledger,
     /// inboxes, queues and the durable DP ack, in refs per second.
     Control(BenchControlArgs),
+    /// A tensor-parallel shard of a weight fetched from the daemon: the view derived where the
+    /// bytes are (only the shard moves) against fetching the whole weight and cutting locally.
+    View(BenchViewArgs),
+}
+
+/// `ferry bench view`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchViewArgs {
+    /// The weight's size, e.g. `64MiB` (a bfloat16 matrix of about that size).
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub(crate) size: u64,
+    /// Tensor-parallel shards; the benchmark fetches one.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub(crate) shards: u64,
+    /// Iterations per run (the best of 5 runs counts).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub(crate) iters: u64,
+    /// Print one JSON object (weight_shape, shard_bytes, memcpy_shard_gbps, rows: route, dim,
+    /// ranges, view_ms, whole_then_cut_ms, speedup, view_vs_memcpy).
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// `ferry bench control`.

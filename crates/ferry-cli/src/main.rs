@@ -15,6 +15,8 @@
 //! * [`ingest`]: `ferry ingest`, offline feature files into a store with a manifest.
 //! * [`serve`]: `ferry serve`, the node daemon, and `ferry status`.
 //! * [`transfer`]: `ferry bench transfer`, daemon put/get against memcpy and raw TCP.
+//! * [`view_bench`]: `ferry bench view`, a tensor-parallel shard derived by the daemon against
+//!   fetching the whole weight.
 //! * [`strategy`]: which raw keys each draft strategy's offline files hold.
 //! * [`sample`]: synthetic EAGLE3- and DFlash-shaped samples.
 //! * [`synth`]: `ferry synth`, synthetic samples written as an offline feature dump.
@@ -47,6 +49,7 @@ mod synth;
 mod table;
 mod train;
 mod transfer;
+mod view_bench;
 
 use anyhow::Result;
 use args::{BenchCommand, Cli, Command};
@@ -88,6 +91,7 @@ fn run(command: Command, out: &mut dyn Write) -> Result<()> {
         Command::Bench { what: BenchCommand::Transfer(a) } => transfer::run(a, out),
         Command::Bench { what: BenchCommand::TransferClient(a) } => transfer::client(a, out),
         Command::Bench { what: BenchCommand::Control(a) } => control_bench::run(a, out),
+        Command::Bench { what: BenchCommand::View(a) } => view_bench::run(a, out),
     }
 }
 

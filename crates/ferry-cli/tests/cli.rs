@@ -450,6 +450,28 @@ fn bench_transfer_json_has_the_fields_scripts_rely_on() {
 }
 
 #[test]
+fn bench_view_fetches_each_shard_both_ways_with_equal_bytes() {
+    // The benchmark itself checks that both ways give the shard's bytes (it fails otherwise).
+    let (stdout, _) = success(&["bench", "view", "--size", "1MiB", "--shards", "4", "--iters", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let (rows, cols) = (v["weight_shape"][0].as_u64().unwrap(), v["weight_shape"][1].as_u64().unwrap());
+    assert_eq!((rows % 4, cols % 4, v["shard_bytes"].as_u64()), (0, 0, Some(rows * cols * 2 / 4)), "{v}");
+    let got: Vec<(String, u64, u64)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["route"].as_str().unwrap().to_owned(), r["dim"].as_u64().unwrap(), r["ranges"].as_u64().unwrap()))
+        .collect();
+    let want = [("shm", 0, 1), ("shm", 1, rows), ("tcp", 0, 1), ("tcp", 1, rows)];
+    assert_eq!(got, want.map(|(r, d, n)| (r.to_owned(), d, n)), "{v}");
+    for row in v["rows"].as_array().unwrap() {
+        assert!(row["view_ms"].as_f64().is_some_and(|x| x > 0.0) && row["speedup"].as_f64().is_some(), "{row}");
+    }
+    let out = ferry(&["bench", "view", "--shards", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[test]
 fn bench_control_json_has_the_fields_scripts_rely_on() {
     let (stdout, _) =
         success(&["bench", "control", "--refs", "200", "--dp", "2", "--batch", "2", "--accumulation", "2", "--json"]);

@@ -25,6 +25,8 @@
 //! * [`buffer`] — [`AlignedBuf`] and [`BufferPool`].
 //! * [`tensor`] — [`TensorBuf`] and [`TensorView`].
 //! * [`measure`] — timing arithmetic shared by benchmarks (GB/s, best of N runs).
+//! * [`view`] — [`ViewSpec`] (part of a tensor: a narrow, a tensor-parallel shard) and its
+//!   [`ViewPlan`] (the byte ranges that make it up).
 //!
 //! # Example
 //! ```
@@ -51,6 +53,7 @@ pub mod ids;
 pub mod json;
 pub mod measure;
 pub mod tensor;
+pub mod view;
 
 pub use buffer::{AlignedBuf, BUFFER_ALIGN, BufferPool};
 pub use contracts::{
@@ -61,3 +64,4 @@ pub use error::{Error, Result};
 pub use ids::{Generation, LeaseToken, SampleId, StoreId};
 pub use json::JsonStyle;
 pub use tensor::{TensorBuf, TensorView};
+pub use view::{ViewPlan, ViewSpec};

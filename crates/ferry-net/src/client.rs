@@ -33,8 +33,8 @@ use crate::auth;
 use crate::frame::{FrameHead, Header, Limits, Op, flags, read_head, write_head};
 use crate::wire::{self, GetReply, Hello, Placement, RefReply, Route, WireTensor};
 use ferry_core::{
-    BufferPool, Error, FeatureHandle, FeatureSpec, Generation, JsonMap, Result, SampleId, SampleRef, StoreId,
-    TensorBuf, TensorView,
+    BufferPool, DType, Error, FeatureHandle, FeatureSpec, Generation, JsonMap, Result, SampleId, SampleRef, StoreId,
+    TensorBuf, TensorView, ViewPlan, ViewSpec,
 };
 use ferry_shm::ArenaMap;
 use ferry_store::{DrainPolicy, DrainReport, FeatureStoreApi, GcReport, Health, Secret};
@@ -549,7 +549,12 @@ impl Client {
             match Self::check_buffers(entry.r, &entry.dsts, false) {
                 Ok(()) => {
                     let names = entry.dsts.iter().map(|(n, _)| (*n).to_owned()).collect();
-                    metas.push(wire::encode(&wire::GetRequest { r#ref: entry.r.clone(), names: Some(names), shm })?);
+                    metas.push(wire::encode(&wire::GetRequest {
+                        r#ref: entry.r.clone(),
+                        names: Some(names),
+                        shm,
+                        views: None,
+                    })?);
                     sent_index.push(i);
                     checked.push(None);
                 }
@@ -558,7 +563,7 @@ impl Client {
         }
         let replies = self.call_pipelined(Op::Get, &metas, |k, head, stream| {
             let dsts = &mut batch[sent_index[k]].dsts;
-            self.receive_get_into(head, stream, dsts, false)
+            self.receive_get_into(head, stream, dsts, false, None)
         })?;
         let mut replies = replies.into_iter();
         let mut out = Vec::with_capacity(batch.len());
@@ -602,19 +607,43 @@ impl Client {
         stream: &mut dyn Read,
         dsts: &mut [(&str, &mut [u8])],
         prefix: bool,
+        views: Option<&[ViewPlan]>,
     ) -> Result<(GetReply, Option<Error>)> {
         let reply: GetReply = wire::decode(&head.meta, "Get reply")?;
-        let mismatch = check_destinations(&reply.tensors, dsts, prefix);
+        let mut mismatch = check_destinations(&reply.tensors, dsts, prefix);
         if mismatch.is_none() {
             match (&reply.placements, &self.arena) {
+                // The lease is ours from here: a placement that does not fit is reported as a
+                // mismatch, so the caller releases the lease instead of leaking it.
+                (Some(places), Some(_)) if places.len() != dsts.len() => {
+                    mismatch = Some(Error::Corrupt {
+                        what: "daemon Get reply".into(),
+                        message: format!("{} placements for {} features", places.len(), dsts.len()),
+                    });
+                }
                 (Some(places), Some(arena)) => {
-                    for ((_, dst), place) in dsts.iter_mut().zip(places) {
-                        let n = dst.len() as u64;
-                        if n > place.len {
-                            return Err(corrupt_placement(place, n));
+                    let copied = dsts.iter_mut().zip(places).enumerate().try_for_each(|(i, ((_, dst), place))| {
+                        match views.and_then(|v| v.get(i)) {
+                            // The placement is the whole feature: copy the view's ranges.
+                            Some(plan) => {
+                                if plan.canonical_extent() > place.len {
+                                    return Err(corrupt_placement(place, plan.canonical_extent()));
+                                }
+                                let run = usize::try_from(plan.run).unwrap_or(usize::MAX).max(1);
+                                plan.ranges()
+                                    .zip(dst.chunks_exact_mut(run))
+                                    .try_for_each(|((offset, _), out)| arena.read_at(place.offset + offset, out))
+                            }
+                            None => {
+                                let n = dst.len() as u64;
+                                if n > place.len {
+                                    return Err(corrupt_placement(place, n));
+                                }
+                                arena.read_at(place.offset, dst)
+                            }
                         }
-                        arena.read_at(place.offset, dst)?;
-                    }
+                    });
+                    mismatch = copied.err();
                 }
                 _ => {
                     for ((_, dst), t) in dsts.iter_mut().zip(&reply.tensors) {
@@ -634,10 +663,10 @@ impl Client {
         Self::check_buffers(r, dsts, prefix)?;
         let names: Vec<String> = dsts.iter().map(|(n, _)| (*n).to_owned()).collect();
         let shm = self.arena.is_some();
-        let request = wire::GetRequest { r#ref: r.clone(), names: Some(names), shm };
+        let request = wire::GetRequest { r#ref: r.clone(), names: Some(names), shm, views: None };
         let meta = wire::encode(&request)?;
         let (reply, mismatch) =
-            self.call(Op::Get, &meta, &[], |head, stream| self.receive_get_into(head, stream, dsts, prefix))?;
+            self.call(Op::Get, &meta, &[], |head, stream| self.receive_get_into(head, stream, dsts, prefix, None))?;
         if let Some(mismatch) = mismatch {
             // The lease was taken; give it back before reporting the caller's mistake.
             self.release(&reply.handle)?;
@@ -646,13 +675,92 @@ impl Client {
         Ok(reply.handle)
     }
 
+    /// Reads parts of features straight into the caller's buffers and takes a read lease
+    /// (release it with [`Client::release`]): for each `(name, view, buffer)`, the view's dense
+    /// row-major bytes, the buffer exactly the view's size. The daemon derives each view where
+    /// the bytes are and ships only the view's bytes (over the shared-memory route the client
+    /// copies only the view's ranges out of its mapping): a tensor-parallel rank fetching its
+    /// shard of a weight moves `1/N` of it. Views are checked against the ref's specs first.
+    pub fn get_views_into(&self, r: &SampleRef, dsts: &mut [(&str, ViewSpec, &mut [u8])]) -> Result<FeatureHandle> {
+        let plans = dsts
+            .iter()
+            .map(|(name, view, dst)| {
+                let plan = view_plan(r, name, view)?;
+                if dst.len() as u64 != plan.nbytes {
+                    return Err(Error::InvalidArgument(format!(
+                        "get_views_into: buffer for view {} of feature {name:?} of sample {} is {} bytes; the view \
+                         (shape {:?}) needs {}",
+                        view.view_id(),
+                        r.sample_id,
+                        dst.len(),
+                        plan.shape,
+                        plan.nbytes
+                    )));
+                }
+                Ok(plan)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let names: Vec<String> = dsts.iter().map(|(n, _, _)| (*n).to_owned()).collect();
+        if let Some(twice) = names.iter().enumerate().find_map(|(i, n)| names[..i].contains(n).then_some(n)) {
+            return Err(Error::InvalidArgument(format!(
+                "get_views_into: feature {twice:?} of sample {} is named twice; ask for one view of a feature per \
+                 call (two shards of it: two calls, or one wider view)",
+                r.sample_id
+            )));
+        }
+        let views = dsts.iter().map(|(n, v, _)| ((*n).to_owned(), *v)).collect();
+        let shm = self.arena.is_some();
+        let request = wire::GetRequest { r#ref: r.clone(), names: Some(names), shm, views: Some(views) };
+        let meta = wire::encode(&request)?;
+        let mut plain: Vec<(&str, &mut [u8])> = dsts.iter_mut().map(|(n, _, d)| (*n, &mut **d)).collect();
+        let (reply, mismatch) = self.call(Op::Get, &meta, &[], |head, stream| {
+            self.receive_get_into(head, stream, &mut plain, false, Some(&plans))
+        })?;
+        if let Some(mismatch) = mismatch {
+            self.release(&reply.handle)?;
+            return Err(mismatch);
+        }
+        Ok(reply.handle)
+    }
+
+    /// [`Client::get_views_into`] into aligned buffers from the client's output pool, as owned
+    /// tensors of the views' shapes.
+    pub fn get_views(
+        &self,
+        r: &SampleRef,
+        views: &[(&str, ViewSpec)],
+    ) -> Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
+        let mut parts = Vec::with_capacity(views.len());
+        for (name, view) in views {
+            let plan = view_plan(r, name, view)?;
+            let dtype = r.feature_specs.get(*name).map(FeatureSpec::dtype).transpose()?.unwrap_or(DType::UInt8);
+            let len = usize::try_from(plan.nbytes).map_err(|_| Error::InvalidArgument("view too large".into()))?;
+            let buf = self.output_pool.try_take(len).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "cannot allocate {len} bytes for view {} of feature {name:?}: memory is exhausted",
+                    view.view_id()
+                ))
+            })?;
+            parts.push((*name, *view, dtype, plan.shape, buf));
+        }
+        let mut dsts: Vec<(&str, ViewSpec, &mut [u8])> =
+            parts.iter_mut().map(|(n, v, _, _, buf)| (*n, *v, buf.as_mut_slice())).collect();
+        let handle = self.get_views_into(r, &mut dsts)?;
+        drop(dsts);
+        let mut out = IndexMap::with_capacity(parts.len());
+        for (name, _, dtype, shape, buf) in parts {
+            out.insert(name.to_owned(), TensorBuf::new(dtype, shape, buf)?);
+        }
+        Ok((out, handle))
+    }
+
     /// Reads a sample's features (all of the ref's, or `names`) into aligned buffers from the
     /// client's output pool ([`Client::output_pool`]; recycled when their last owner drops
     /// them) and takes a read lease.
     pub fn get(&self, r: &SampleRef, names: Option<&[&str]>) -> Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
         let shm = self.arena.is_some();
         let names = names.map(|n| n.iter().map(|s| (*s).to_owned()).collect());
-        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names, shm })?;
+        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names, shm, views: None })?;
         self.call(Op::Get, &meta, &[], |head, stream| {
             let reply: GetReply = wire::decode(&head.meta, "Get reply")?;
             let mut out = IndexMap::with_capacity(reply.tensors.len());
@@ -694,7 +802,7 @@ impl Client {
             )));
         };
         let names = names.map(|n| n.iter().map(|s| (*s).to_owned()).collect());
-        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names, shm: true })?;
+        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names, shm: true, views: None })?;
         let reply = self.call(Op::Get, &meta, &[], |head, _| wire::decode::<GetReply>(&head.meta, "Get reply"))?;
         let parts = (|| {
             let places = reply.placements.as_ref().ok_or_else(|| Error::Corrupt {
@@ -803,7 +911,7 @@ impl Client {
         if !r.feature_specs.is_empty() && r.scheme() != Some("file") {
             return Ok(r.feature_specs.clone());
         }
-        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names: None, shm: false })?;
+        let meta = wire::encode(&wire::GetRequest { r#ref: r.clone(), names: None, shm: false, views: None })?;
         self.call(Op::Describe, &meta, &[], |head, _| wire::decode(&head.meta, "Describe reply"))
     }
 
@@ -899,6 +1007,21 @@ fn check_destinations(tensors: &[WireTensor], dsts: &[(&str, &mut [u8])], prefix
         }
     }
     None
+}
+
+/// The plan of `view` of feature `name`, from the ref's spec.
+fn view_plan(r: &SampleRef, name: &str, view: &ViewSpec) -> Result<ViewPlan> {
+    let spec = r.feature_specs.get(name).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "a view of feature {name:?} of sample {} needs its spec in the ref (shape and dtype); the ref has none \
+             (a lazy file:// ref: fill its specs with `describe` first)",
+            r.sample_id
+        ))
+    })?;
+    view.plan(spec.dtype()?, &spec.shape).map_err(|e| match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!("feature {name:?} of sample {}: {m}", r.sample_id)),
+        other => other,
+    })
 }
 
 fn corrupt_placement(place: &Placement, need: u64) -> Error {

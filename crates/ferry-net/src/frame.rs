@@ -270,7 +270,28 @@ pub fn write_head(writer: &mut impl Write, header: &Header, meta: &[u8], payload
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 + payload.len());
     slices.push(IoSlice::new(&head));
     slices.extend([meta].into_iter().chain(payload.iter().copied()).filter(|s| !s.is_empty()).map(IoSlice::new));
-    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    write_all_vectored(writer, &mut slices)
+}
+
+/// Writes a frame's header and metadata only: the caller then writes exactly
+/// `header.payload_len` payload bytes itself ([`write_all_vectored`]), for a payload produced
+/// in pieces (a view gathered through a bounded buffer).
+pub fn write_head_only(writer: &mut impl Write, header: &Header, meta: &[u8]) -> Result<()> {
+    if header.meta_len as usize != meta.len() {
+        return Err(Error::InvalidArgument(format!(
+            "frame header says {} metadata bytes but {} were given",
+            header.meta_len,
+            meta.len()
+        )));
+    }
+    let head = header.encode();
+    let mut slices = [IoSlice::new(&head), IoSlice::new(meta)];
+    write_all_vectored(writer, &mut slices)
+}
+
+/// Writes every slice, in order, with vectored writes.
+pub fn write_all_vectored(writer: &mut impl Write, slices: &mut [IoSlice<'_>]) -> Result<()> {
+    let mut rest: &mut [IoSlice<'_>] = slices;
     while !rest.is_empty() {
         match writer.write_vectored(rest) {
             Ok(0) => {

@@ -2,8 +2,9 @@
 //! payload (see `docs/PROTOCOL.md`). Tensors never appear here; a message that has tensor bytes
 //! lists their names, dtypes and shapes, and the bytes follow as the payload in that order.
 
-use ferry_core::{DType, Error, FeatureHandle, JsonMap, Result, SampleRef, TensorView};
+use ferry_core::{DType, Error, FeatureHandle, JsonMap, Result, SampleRef, TensorView, ViewSpec};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// One tensor whose bytes travel in the payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +198,12 @@ pub struct GetRequest {
     /// Answer with arena placements instead of payload bytes (shared-memory route).
     #[serde(default)]
     pub shm: bool,
+    /// Parts of features to read instead of the whole (feature name -> view): the daemon
+    /// ships only the view's bytes, and the reply lists the view's shape. Over the
+    /// shared-memory route the placements stay the whole feature's and the client copies the
+    /// view's ranges out of its mapping. Absent (not `null`) when no view is asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<BTreeMap<String, ViewSpec>>,
 }
 
 /// The reply to `Get`: the lease and the tensors whose bytes follow.

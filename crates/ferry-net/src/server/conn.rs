@@ -16,11 +16,13 @@ use super::Shared;
 use crate::auth;
 use crate::frame::{FrameHead, Header, Op, flags, read_head, write_head};
 use crate::wire::{self, ErrorReply, GetReply, Placement, RefReply, Route, WireTensor};
-use ferry_core::{Error, FeatureHandle, FeatureSpec, Generation, Result, SampleId, SampleRef, TensorView};
+use ferry_core::{
+    Error, FeatureHandle, FeatureSpec, Generation, Result, SampleId, SampleRef, TensorView, ViewPlan, ViewSpec,
+};
 use ferry_shm::{PinId, Reservation};
 use ferry_store::offline::raw_key;
 use ferry_store::{DrainPolicy, PendingPut, TensorLayout};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -456,6 +458,12 @@ impl<'a, S: Read + Write> Connection<'a, S> {
             return self.get_located(&h, &req);
         }
         let names: Option<Vec<&str>> = req.names.as_ref().map(|n| n.iter().map(String::as_str).collect());
+        if let Some(views) = &req.views
+            && let Err(e) = wanted_features(&req.r#ref, req.names.as_deref(), Some(views))
+        {
+            self.send_error(&h, &e)?;
+            return Ok(Next::Continue);
+        }
         let (tensors, handle) = match self.shared.store.get(&req.r#ref, names.as_deref()) {
             Ok(ok) => ok,
             Err(e) => {
@@ -463,15 +471,33 @@ impl<'a, S: Read + Write> Connection<'a, S> {
                 return Ok(Next::Continue);
             }
         };
-        let reply = GetReply {
-            handle: handle.clone(),
-            tensors: tensors.iter().map(|(name, t)| WireTensor::of(name, &t.view())).collect(),
-            route: self.transport,
-            placements: None,
-        };
-        let payload: Vec<&[u8]> = tensors.values().map(|t| t.bytes()).collect();
-        let bytes = payload.iter().map(|p| p.len() as u64).sum();
-        self.send_lease(&h, &reply, &payload, None, bytes)
+        // Views were checked against the ref's specs above (a view needs them), and the store
+        // returns tensors shaped by those specs; the views are planned on what it returned, and
+        // one that does not fit gives the lease back.
+        let mut wires = Vec::with_capacity(tensors.len());
+        let mut parts = Vec::with_capacity(tensors.len());
+        for (name, t) in &tensors {
+            let mut wire = WireTensor::of(name, &t.view());
+            let plan =
+                req.views.as_ref().and_then(|v| v.get(name.as_str())).map(|view| view.plan(t.dtype(), t.shape()));
+            match plan.transpose().and_then(|plan| {
+                if let Some(plan) = &plan {
+                    wire.shape = plan.shape.clone();
+                }
+                PayloadPart::of(t.bytes(), plan.as_ref())
+            }) {
+                Ok(part) => parts.push(part),
+                Err(e) => {
+                    let _ = self.shared.store.release(&handle);
+                    self.send_error(&h, &e)?;
+                    return Ok(Next::Continue);
+                }
+            }
+            wires.push(wire);
+        }
+        let reply = GetReply { handle: handle.clone(), tensors: wires, route: self.transport, placements: None };
+        let bytes = parts.iter().map(PayloadPart::len).sum();
+        self.send_lease(&h, &reply, &parts, None, bytes)
     }
 
     /// A get from the arena: the lease is taken with every check of the lifecycle core, and the
@@ -481,7 +507,7 @@ impl<'a, S: Read + Write> Connection<'a, S> {
     fn get_located(&mut self, h: &Header, req: &wire::GetRequest) -> Result<Next> {
         let arena = self.shared.arena.as_ref().ok_or_else(|| Error::InvalidArgument("no arena".into()))?;
         let r = &req.r#ref;
-        let prepared = wanted_features(r, req.names.as_deref());
+        let prepared = wanted_features(r, req.names.as_deref(), req.views.as_ref());
         let outcome = prepared.and_then(|wanted| {
             let objects: Vec<&str> = wanted.iter().map(|w| w.object).collect();
             self.shared
@@ -510,17 +536,22 @@ impl<'a, S: Read + Write> Connection<'a, S> {
             }
         };
         let tensors: Vec<WireTensor> = wanted.iter().map(|w| w.wire.clone()).collect();
-        let bytes = located.objects.iter().map(|p| p.len).sum();
+        let bytes = wanted.iter().zip(&located.objects).map(|(w, p)| w.plan.as_ref().map_or(p.len, |v| v.nbytes)).sum();
         if self.shm && req.shm {
             let placements = located.objects.iter().map(|p| Placement { offset: p.offset, len: p.len }).collect();
             let reply = GetReply { handle, tensors, route: Route::Shm, placements: Some(placements) };
             return self.send_lease(h, &reply, &[], Some(located.pin), bytes);
         }
         let reply = GetReply { handle, tensors, route: self.transport, placements: None };
-        let payload: Result<Vec<&[u8]>> =
-            located.objects.iter().map(|p| arena.arena().slice(p.offset, to_usize(p.len)?)).collect();
-        let sent = match payload {
-            Ok(payload) => self.send_lease(h, &reply, &payload, None, bytes),
+        // A view goes as its ranges of the object, straight from the arena (or gathered, when
+        // its ranges are short: see `ViewPayload`).
+        let parts: Result<Vec<PayloadPart<'_>>> = wanted
+            .iter()
+            .zip(&located.objects)
+            .map(|(w, p)| PayloadPart::of(arena.arena().slice(p.offset, to_usize(p.len)?)?, w.plan.as_ref()))
+            .collect();
+        let sent = match parts {
+            Ok(parts) => self.send_lease(h, &reply, &parts, None, bytes),
             Err(e) => {
                 let _ = self.shared.store.release(&reply.handle);
                 self.send_error(h, &e).map(|()| Next::Continue)
@@ -536,7 +567,7 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         &mut self,
         h: &Header,
         reply: &GetReply,
-        payload: &[&[u8]],
+        payload: &[PayloadPart<'_>],
         pin: Option<PinId>,
         bytes: u64,
     ) -> Result<Next> {
@@ -544,7 +575,20 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         let handle = reply.handle.clone();
         self.leases.insert(handle.lease_token.to_string(), HeldLease { handle: handle.clone(), pin });
         let flags = if reply.route == Route::Shm { flags::REPLY | flags::SHM } else { flags::REPLY };
-        if let Err(e) = self.send_raw(Op::Get, h.request_id, flags, &meta, payload) {
+        let slices: Option<Vec<&[u8]>> = payload
+            .iter()
+            .map(|p| match p {
+                PayloadPart::Slices(s) => Some(s.clone()),
+                PayloadPart::Gather(..) => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|per_part| per_part.concat());
+        let sent = match slices {
+            // The common case: one vectored write of header, metadata and every slice.
+            Some(slices) => self.send_raw(Op::Get, h.request_id, flags, &meta, &slices),
+            None => self.send_parts(Op::Get, h.request_id, flags, &meta, payload),
+        };
+        if let Err(e) = sent {
             self.drop_lease(handle.lease_token.as_str());
             return Err(e);
         }
@@ -707,29 +751,148 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         write_head(&mut self.stream, &header, meta, payload)
     }
 
+    /// A frame whose payload is written part by part (see [`write_parts`]).
+    fn send_parts(
+        &mut self,
+        op: Op,
+        request_id: u64,
+        flags: u32,
+        meta: &[u8],
+        parts: &[PayloadPart<'_>],
+    ) -> Result<()> {
+        let meta_len =
+            u32::try_from(meta.len()).map_err(|_| Error::InvalidArgument("reply metadata too large".into()))?;
+        let payload_len = parts.iter().map(PayloadPart::len).sum();
+        let header = Header { op, flags, request_id, meta_len, payload_len };
+        crate::frame::write_head_only(&mut self.stream, &header, meta)?;
+        write_parts(&mut self.stream, parts)
+    }
+
     fn send_error(&mut self, h: &Header, error: &Error) -> Result<()> {
         self.shared.metrics.error(error);
         self.send(h.op, h.request_id, flags::REPLY | flags::ERROR, &ErrorReply::of(error), &[])
     }
 }
 
+/// Ranges of a view shorter than this are gathered through a small buffer instead of each
+/// going as its own I/O vector: a view of one-byte ranges would otherwise need sixteen bytes of
+/// vector (and a kernel iteration) per byte of view. Longer ranges go straight from the arena.
+const MIN_DIRECT_RUN: u64 = 512;
+
+/// The buffer short ranges are gathered through, and so the most a gathered view costs the
+/// daemon in memory whatever its size.
+const GATHER_CHUNK: usize = 1 << 20;
+
+/// One feature's part of a get's payload: slices of bytes the daemon holds (the whole object,
+/// or a view's long ranges of it), or a view of short ranges to gather while writing.
+enum PayloadPart<'a> {
+    Slices(Vec<&'a [u8]>),
+    Gather(ViewPlan, &'a [u8]),
+}
+
+impl<'a> PayloadPart<'a> {
+    /// The part for `object` (a feature's bytes) under `plan`, if any.
+    fn of(object: &'a [u8], plan: Option<&ViewPlan>) -> Result<PayloadPart<'a>> {
+        match plan {
+            None => Ok(PayloadPart::Slices(vec![object])),
+            Some(plan) if plan.runs <= 1 || plan.run >= MIN_DIRECT_RUN => Ok(PayloadPart::Slices(plan.slices(object)?)),
+            Some(plan) => {
+                if plan.canonical_extent() > object.len() as u64 {
+                    return Err(Error::Corrupt {
+                        what: format!("view of shape {:?}", plan.shape),
+                        message: format!("it reaches past the object's {} bytes", object.len()),
+                    });
+                }
+                Ok(PayloadPart::Gather(plan.clone(), object))
+            }
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            PayloadPart::Slices(slices) => slices.iter().map(|s| s.len() as u64).sum(),
+            PayloadPart::Gather(plan, _) => plan.nbytes,
+        }
+    }
+}
+
+/// Writes `parts` as a frame's payload: slices with vectored writes, gathered views through
+/// one [`GATHER_CHUNK`] buffer (allocated only if a part needs it).
+fn write_parts(stream: &mut impl Write, parts: &[PayloadPart<'_>]) -> Result<()> {
+    let mut chunk: Vec<u8> = Vec::new();
+    for part in parts {
+        match part {
+            PayloadPart::Slices(slices) => {
+                let mut io: Vec<io::IoSlice<'_>> =
+                    slices.iter().filter(|s| !s.is_empty()).map(|s| io::IoSlice::new(s)).collect();
+                crate::frame::write_all_vectored(stream, &mut io)?;
+            }
+            PayloadPart::Gather(plan, object) => {
+                if chunk.capacity() == 0 {
+                    chunk.try_reserve_exact(GATHER_CHUNK).map_err(|_| {
+                        Error::InvalidArgument("the daemon cannot allocate its view gather buffer".into())
+                    })?;
+                }
+                for (offset, len) in plan.ranges() {
+                    let range = object.get(offset as usize..(offset + len) as usize).ok_or_else(|| Error::Corrupt {
+                        what: format!("view of shape {:?}", plan.shape),
+                        message: format!("bytes {offset}..{} lie past the object's {}", offset + len, object.len()),
+                    })?;
+                    if chunk.len() + range.len() > GATHER_CHUNK {
+                        crate::frame::write_all_vectored(stream, &mut [io::IoSlice::new(&chunk)])?;
+                        chunk.clear();
+                    }
+                    chunk.extend_from_slice(range);
+                }
+                crate::frame::write_all_vectored(stream, &mut [io::IoSlice::new(&chunk)])?;
+                chunk.clear();
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One feature a get asks for: its backend object, its size by the ref's spec, and how it is
 /// described on the wire.
 struct Wanted<'r> {
     object: &'r str,
+    /// The whole feature's bytes (what the object must hold).
     nbytes: u64,
+    /// What the reply lists: the feature, or its view's shape.
     wire: WireTensor,
+    /// The view asked for, planned against the ref's spec.
+    plan: Option<ViewPlan>,
 }
 
 /// The features a get names (all of the ref's when `names` is absent), checked against the
-/// ref's specs.
-fn wanted_features<'r>(r: &'r SampleRef, names: Option<&'r [String]>) -> Result<Vec<Wanted<'r>>> {
+/// ref's specs, with the views asked for planned (a view of a feature the get does not read,
+/// or that does not fit the feature's shape, is refused before any lease is taken).
+fn wanted_features<'r>(
+    r: &'r SampleRef,
+    names: Option<&'r [String]>,
+    views: Option<&BTreeMap<String, ViewSpec>>,
+) -> Result<Vec<Wanted<'r>>> {
     let names: Vec<&str> = match names {
         Some(n) => n.iter().map(String::as_str).collect(),
         None => r.feature_keys.keys().map(String::as_str).collect(),
     };
     if names.is_empty() {
         return Err(Error::InvalidArgument(format!("get of sample {} names no features", r.sample_id)));
+    }
+    if views.is_some()
+        && let Some(twice) = names.iter().enumerate().find_map(|(i, n)| names[..i].contains(n).then_some(*n))
+    {
+        // One view per feature: the request maps names to views.
+        return Err(Error::InvalidArgument(format!(
+            "a get with views names feature {twice:?} of sample {} twice; ask for one view of it per get",
+            r.sample_id
+        )));
+    }
+    if let Some(stray) = views.into_iter().flat_map(BTreeMap::keys).find(|v| !names.contains(&v.as_str())) {
+        return Err(Error::InvalidArgument(format!(
+            "a view of feature {stray:?} of sample {}, which this get does not read",
+            r.sample_id
+        )));
     }
     names
         .into_iter()
@@ -745,8 +908,18 @@ fn wanted_features<'r>(r: &'r SampleRef, names: Option<&'r [String]>) -> Result<
                 ))
             })?;
             let nbytes = spec.nbytes()?;
-            let wire = WireTensor { name: name.to_owned(), dtype: spec.dtype.clone(), shape: spec.shape.clone() };
-            Ok(Wanted { object: raw_key(key), nbytes, wire })
+            let plan =
+                views.and_then(|v| v.get(name)).map(|view| view.plan(spec.dtype()?, &spec.shape)).transpose().map_err(
+                    |e| match e {
+                        Error::InvalidArgument(m) => {
+                            Error::InvalidArgument(format!("feature {name:?} of sample {}: {m}", r.sample_id))
+                        }
+                        other => other,
+                    },
+                )?;
+            let shape = plan.as_ref().map_or_else(|| spec.shape.clone(), |p| p.shape.clone());
+            let wire = WireTensor { name: name.to_owned(), dtype: spec.dtype.clone(), shape };
+            Ok(Wanted { object: raw_key(key), nbytes, wire, plan })
         })
         .collect()
 }
