@@ -1011,6 +1011,10 @@ fn check_destinations(tensors: &[WireTensor], dsts: &[(&str, &mut [u8])], prefix
 
 /// The plan of `view` of feature `name`, from the ref's spec.
 fn view_plan(r: &SampleRef, name: &str, view: &ViewSpec) -> Result<ViewPlan> {
+    if !r.feature_keys.contains_key(name) {
+        // As a get of a feature the sample does not have.
+        return Err(Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) });
+    }
     let spec = r.feature_specs.get(name).ok_or_else(|| {
         Error::InvalidArgument(format!(
             "a view of feature {name:?} of sample {} needs its spec in the ref (shape and dtype); the ref has none \

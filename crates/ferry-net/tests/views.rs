@@ -141,6 +141,10 @@ fn a_bad_view_is_refused_before_any_lease() {
         let err = client.get_views_into(&r, &mut [("w", ViewSpec::narrow(0, 0, 1), &mut small[..])]).unwrap_err();
         assert!(err.to_string().contains("needs 96"), "{route}: {err}");
         let err = client.get_views(&r, &[("nope", ViewSpec::narrow(0, 0, 1))]).unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{route}: a feature the sample lacks: {err}");
+        let mut spec_less = r.clone();
+        spec_less.feature_specs.shift_remove("w");
+        let err = client.get_views(&spec_less, &[("w", ViewSpec::narrow(0, 0, 1))]).unwrap_err();
         assert!(err.to_string().contains("needs its spec"), "{route}: {err}");
         assert_eq!(daemon.handle.store().health().active_leases, 0, "{route}: no lease was taken");
         client.abort(&r.sample_id).unwrap();

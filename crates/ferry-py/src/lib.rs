@@ -56,6 +56,7 @@ fn ferry_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dlpack::dlpack_exporter, m)?)?;
     m.add_function(wrap_pyfunction!(dlpack::debug_dlpack, m)?)?;
     m.add_function(wrap_pyfunction!(store::open_store, m)?)?;
+    m.add_function(wrap_pyfunction!(store::shard_view, m)?)?;
     m.add_function(wrap_pyfunction!(backend::open_store_with_backend, m)?)?;
     m.add_function(wrap_pyfunction!(daemon::start_daemon, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::debug_stats, m)?)?;

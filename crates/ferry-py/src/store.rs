@@ -11,7 +11,7 @@ use crate::borrow;
 use crate::errors::{IntoPyResult, invalid, to_py};
 use crate::pyjson;
 use crate::records::{PyFeatureHandle, PyFeatureSpec, PySampleRef};
-use ferry_core::{Error, FeatureHandle, FeatureSpec, SampleId, TensorBuf, TensorView};
+use ferry_core::{AlignedBuf, Error, FeatureHandle, FeatureSpec, SampleId, TensorBuf, TensorView, ViewSpec};
 use ferry_net::{Client, ConnectOptions, RoutePreference};
 use ferry_store::{AuthPolicy, DrainPolicy, FeatureStoreApi, Secret, StoreOptions};
 use indexmap::IndexMap;
@@ -318,6 +318,54 @@ impl Store {
         }
     }
 
+    /// Reads parts of features under a read lease: `views` maps a feature name to a narrow
+    /// `(dim, start, length)` (torch's `tensor.narrow`; `ferry.shard_view` gives a
+    /// tensor-parallel shard). A daemon client asks the daemon, which derives each view where
+    /// the bytes are and sends only the view's bytes; other stores read the feature and cut
+    /// the view out (one more copy of the view). Returns a `Lease` of view-shaped arrays.
+    fn get_views(
+        &self,
+        py: Python<'_>,
+        r#ref: &Bound<'_, PySampleRef>,
+        views: &Bound<'_, PyDict>,
+    ) -> PyResult<Py<Lease>> {
+        let r = r#ref;
+        let api = self.api(py)?;
+        let mut wanted: Vec<(String, ViewSpec)> = Vec::with_capacity(views.len());
+        for (name, view) in views.iter() {
+            let name: String = name.extract()?;
+            let (dim, start, length): (u32, u64, u64) = view.extract().map_err(|_| {
+                invalid(
+                    py,
+                    format!("get_views: the view of {name:?} must be a (dim, start, length) tuple of ints >= 0"),
+                )
+            })?;
+            wanted.push((name, ViewSpec::narrow(dim, start, length)));
+        }
+        if wanted.is_empty() {
+            return Err(invalid(py, "get_views: views is empty; use get() to read whole features"));
+        }
+        let sample = r.get().inner.clone();
+        let client = self.client.lock().map_err(|_| invalid(py, "store lock poisoned"))?.clone();
+        let pairs: Vec<(&str, ViewSpec)> = wanted.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+        let (tensors, handle) = py
+            .detach(|| match &client {
+                Some(client) => client.get_views(&sample, &pairs),
+                None => cut_views(&*api, &sample, &pairs),
+            })
+            .py_err(py)?;
+        match tensors_to_numpy(py, tensors, self.bf16) {
+            Ok((out, trace)) => {
+                arrays::trace(TraceOp::Get, trace);
+                Lease::new(api, handle, out, r)
+            }
+            Err(e) => {
+                let _ = py.detach(|| api.release(&handle));
+                Err(e)
+            }
+        }
+    }
+
     /// Reads a sample's features into the caller's arrays, `out` mapping feature name ->
     /// array (numpy, or a CPU torch tensor), each writable, C-contiguous, of the feature's
     /// dtype (bfloat16 takes `ml_dtypes.bfloat16`, `uint16` or `int16` arrays) and exactly its
@@ -517,6 +565,72 @@ impl Store {
     fn __repr__(&self) -> String {
         let closed = self.api.lock().map_or(true, |a| a.is_none());
         format!("Store(uri={:?}, store_id={:?}{})", self.uri, self.store_id, if closed { ", closed" } else { "" })
+    }
+}
+
+/// Views of a store that is not a daemon client: the features are read whole, and each view is
+/// cut out into a buffer of its own (a failure gives the lease back).
+fn cut_views(
+    api: &dyn FeatureStoreApi,
+    r: &ferry_core::SampleRef,
+    views: &[(&str, ViewSpec)],
+) -> ferry_core::Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
+    // Every view is checked against the feature's spec before the read: a lease taken and given
+    // back would free a consume-once sample, so a bad view must never get that far.
+    let described;
+    let specs = if views.iter().all(|(n, _)| r.feature_specs.contains_key(*n)) {
+        &r.feature_specs
+    } else {
+        described = api.describe(r)?;
+        &described
+    };
+    for (name, view) in views {
+        let spec = specs
+            .get(*name)
+            .ok_or_else(|| Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) })?;
+        view.plan(spec.dtype()?, &spec.shape).map_err(|e| match e {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("feature {name:?}: {m}")),
+            other => other,
+        })?;
+    }
+    let names: Vec<&str> = views.iter().map(|(n, _)| *n).collect();
+    let (tensors, handle) = api.get(r, Some(&names))?;
+    let cut = || -> ferry_core::Result<IndexMap<String, TensorBuf>> {
+        let mut out = IndexMap::with_capacity(views.len());
+        for (name, view) in views {
+            let t = tensors
+                .get(*name)
+                .ok_or_else(|| Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) })?;
+            let plan = view.plan(t.dtype(), t.shape()).map_err(|e| match e {
+                Error::InvalidArgument(m) => Error::InvalidArgument(format!("feature {name:?}: {m}")),
+                other => other,
+            })?;
+            let len = usize::try_from(plan.nbytes).map_err(|_| Error::InvalidArgument("view too large".into()))?;
+            let mut buf = AlignedBuf::try_zeroed(len).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "cannot allocate {len} bytes for a view of {name:?}: memory is exhausted"
+                ))
+            })?;
+            plan.gather(t.bytes(), buf.as_mut_slice())?;
+            out.insert((*name).to_owned(), TensorBuf::new(t.dtype(), plan.shape, buf)?);
+        }
+        Ok(out)
+    };
+    match cut() {
+        Ok(out) => Ok((out, handle)),
+        Err(e) => {
+            let _ = api.release(&handle);
+            Err(e)
+        }
+    }
+}
+
+/// `(dim, start, length)` of shard `index` of `count` equal shards of a dimension of `size`
+/// indices (a tensor-parallel slice), for `Store.get_views`; the dimension must split evenly.
+#[pyfunction]
+pub(crate) fn shard_view(py: Python<'_>, dim: u32, index: u64, count: u64, size: u64) -> PyResult<(u32, u64, u64)> {
+    match ViewSpec::shard(dim, index, count, size).py_err(py)? {
+        ViewSpec::Narrow { dim, start, length } => Ok((dim, start, length)),
     }
 }
 

@@ -64,6 +64,7 @@ from ferry._ferry import (
     open_store,
     open_store_with_backend,
     read_manifest,
+    shard_view,
     start_daemon,
     write_manifest,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "open_store",
     "open_store_with_backend",
     "read_manifest",
+    "shard_view",
     "start_daemon",
     "to_dlpack",
     "to_torch",

@@ -56,6 +56,7 @@ __all__ = [
     "open_store",
     "open_store_with_backend",
     "read_manifest",
+    "shard_view",
     "start_daemon",
     "to_dlpack",
     "to_torch",
@@ -307,6 +308,13 @@ class Store:
         lease ends once the last array taken out of it is collected too. An abort refuses later
         reads but never reuses bytes a view still shows.
         """
+    def get_views(self, ref: SampleRef, views: dict[str, tuple[int, int, int]]) -> Lease:
+        """Reads parts of features under a read lease: ``views`` maps a feature name to a
+        narrow ``(dim, start, length)`` (torch's ``tensor.narrow``; ``shard_view`` gives a
+        tensor-parallel shard). A daemon client asks the daemon, which derives each view where
+        the bytes are and sends only the view's bytes; other stores read the feature and cut the
+        view out. Returns a ``Lease`` of view-shaped arrays (the arrays own their memory).
+        Raises ``InvalidArgumentError`` for a view that does not fit the feature's shape."""
     def get_into(self, ref: SampleRef, out: dict[str, Any]) -> Lease:
         """Reads features into the caller's arrays (``out``: name -> numpy array or CPU torch
         tensor, each writable, C-contiguous, of the feature's dtype and exact byte size; a
@@ -611,6 +619,12 @@ def offline_refs(
     """One lazy ``file://`` ref per feature file under ``path`` (SpecForge's
     ``OfflineManifestReader``: lexicographic order, ids ``<run_id>:<index:08>``, the strategy's
     raw keys). ``validate=True`` opens each file once to fill specs and sizes."""
+
+def shard_view(dim: int, index: int, count: int, size: int) -> tuple[int, int, int]:
+    """``(dim, start, length)`` of shard ``index`` of ``count`` equal shards of dimension
+    ``dim`` of ``size`` indices, for ``Store.get_views`` (a tensor-parallel slice: dimension 0
+    for column-parallel weights, 1 for row-parallel ones). ``InvalidArgumentError`` when the
+    dimension does not split evenly."""
 
 def read_manifest(path: str | PathLike[str]) -> list[SampleRef]:
     """The refs of a SpecForge offline ref manifest."""
