@@ -148,6 +148,28 @@ impl Store {
         guard.clone().ok_or_else(|| invalid(py, format!("store {} is closed", self.uri)))
     }
 
+    /// A `Lease` over tensors read under `handle`, as numpy arrays over their own buffers; if
+    /// they cannot be handed to numpy, the lease goes back.
+    fn lease_of(
+        &self,
+        py: Python<'_>,
+        api: Api,
+        tensors: IndexMap<String, TensorBuf>,
+        handle: FeatureHandle,
+        r: &Bound<'_, PySampleRef>,
+    ) -> PyResult<Py<Lease>> {
+        match tensors_to_numpy(py, tensors, self.bf16) {
+            Ok((out, trace)) => {
+                arrays::trace(TraceOp::Get, trace);
+                Lease::new(api, handle, out, r)
+            }
+            Err(e) => {
+                let _ = py.detach(|| api.release(&handle));
+                Err(e)
+            }
+        }
+    }
+
     /// How bfloat16 features come back from this store (the loader's batches follow it).
     pub(crate) fn bf16_mode(&self) -> Bf16Mode {
         self.bf16
@@ -306,16 +328,7 @@ impl Store {
             return Lease::new_borrowed(api, pinned, out, r);
         }
         let (tensors, handle) = py.detach(|| api.get(&sample, wanted.as_deref())).py_err(py)?;
-        match tensors_to_numpy(py, tensors, self.bf16) {
-            Ok((out, trace)) => {
-                arrays::trace(TraceOp::Get, trace);
-                Lease::new(api, handle, out, r)
-            }
-            Err(e) => {
-                let _ = py.detach(|| api.release(&handle));
-                Err(e)
-            }
-        }
+        self.lease_of(py, api, tensors, handle, r)
     }
 
     /// Reads parts of features under a read lease: `views` maps a feature name to a narrow
@@ -354,16 +367,7 @@ impl Store {
                 None => cut_views(&*api, &sample, &pairs),
             })
             .py_err(py)?;
-        match tensors_to_numpy(py, tensors, self.bf16) {
-            Ok((out, trace)) => {
-                arrays::trace(TraceOp::Get, trace);
-                Lease::new(api, handle, out, r)
-            }
-            Err(e) => {
-                let _ = py.detach(|| api.release(&handle));
-                Err(e)
-            }
-        }
+        self.lease_of(py, api, tensors, handle, r)
     }
 
     /// Reads a sample's features into the caller's arrays, `out` mapping feature name ->
