@@ -747,11 +747,17 @@ impl Client {
             parts.iter_mut().map(|(n, v, _, _, buf)| (*n, *v, buf.as_mut_slice())).collect();
         let handle = self.get_views_into(r, &mut dsts)?;
         drop(dsts);
-        let mut out = IndexMap::with_capacity(parts.len());
-        for (name, _, dtype, shape, buf) in parts {
-            out.insert(name.to_owned(), TensorBuf::new(dtype, shape, buf)?);
+        let tensors = parts
+            .into_iter()
+            .map(|(name, _, dtype, shape, buf)| Ok((name.to_owned(), TensorBuf::new(dtype, shape, buf)?)))
+            .collect::<Result<IndexMap<_, _>>>();
+        match tensors {
+            Ok(out) => Ok((out, handle)),
+            Err(e) => {
+                self.release(&handle)?;
+                Err(e)
+            }
         }
-        Ok((out, handle))
     }
 
     /// Reads a sample's features (all of the ref's, or `names`) into aligned buffers from the

@@ -358,12 +358,21 @@ impl Store {
         if wanted.is_empty() {
             return Err(invalid(py, "get_views: views is empty; use get() to read whole features"));
         }
-        let sample = r.get().inner.clone();
+        let mut sample = r.get().inner.clone();
         let client = self.client.lock().map_err(|_| invalid(py, "store lock poisoned"))?.clone();
         let pairs: Vec<(&str, ViewSpec)> = wanted.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         let (tensors, handle) = py
             .detach(|| match &client {
-                Some(client) => client.get_views(&sample, &pairs),
+                Some(client) => {
+                    // A lazy offline ref carries no specs: the daemon describes the file (no
+                    // lease), and the views are planned on that.
+                    if pairs.iter().any(|(n, _)| !sample.feature_specs.contains_key(*n)) {
+                        for (name, spec) in client.describe(&sample)? {
+                            sample.feature_specs.entry(name).or_insert(spec);
+                        }
+                    }
+                    client.get_views(&sample, &pairs)
+                }
                 None => cut_views(&*api, &sample, &pairs),
             })
             .py_err(py)?;
@@ -589,9 +598,16 @@ fn cut_views(
         &described
     };
     for (name, view) in views {
-        let spec = specs
-            .get(*name)
-            .ok_or_else(|| Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) })?;
+        let spec = specs.get(*name).ok_or_else(|| {
+            if r.feature_keys.contains_key(*name) {
+                Error::InvalidArgument(format!(
+                    "a view of feature {name:?} of sample {} needs its spec (shape and dtype); the ref has none",
+                    r.sample_id
+                ))
+            } else {
+                Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) }
+            }
+        })?;
         view.plan(spec.dtype()?, &spec.shape).map_err(|e| match e {
             Error::InvalidArgument(m) => Error::InvalidArgument(format!("feature {name:?}: {m}")),
             other => other,
@@ -632,7 +648,12 @@ fn cut_views(
 /// `(dim, start, length)` of shard `index` of `count` equal shards of a dimension of `size`
 /// indices (a tensor-parallel slice), for `Store.get_views`; the dimension must split evenly.
 #[pyfunction]
-pub(crate) fn shard_view(py: Python<'_>, dim: u32, index: u64, count: u64, size: u64) -> PyResult<(u32, u64, u64)> {
+pub(crate) fn shard_view(py: Python<'_>, dim: i64, index: i64, count: i64, size: i64) -> PyResult<(u32, u64, u64)> {
+    let non_negative =
+        |what: &str, v: i64| u64::try_from(v).map_err(|_| invalid(py, format!("shard_view: {what}={v} must be >= 0")));
+    let dim = u32::try_from(dim).map_err(|_| invalid(py, format!("shard_view: dim={dim} is not a dimension")))?;
+    let (index, count, size) =
+        (non_negative("index", index)?, non_negative("count", count)?, non_negative("size", size)?);
     match ViewSpec::shard(dim, index, count, size).py_err(py)? {
         ViewSpec::Narrow { dim, start, length } => Ok((dim, start, length)),
     }

@@ -902,10 +902,19 @@ fn wanted_features<'r>(
                 .get(name)
                 .ok_or_else(|| Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) })?;
             let spec: &FeatureSpec = r.feature_specs.get(name).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "ref for sample {} has no spec for feature {name:?}; only file:// refs can be read without specs",
-                    r.sample_id
-                ))
+                Error::InvalidArgument(if views.is_some() {
+                    format!(
+                        "ref for sample {} has no spec for feature {name:?}; a view needs the feature's spec (fill \
+                         a lazy file:// ref's specs with Describe first)",
+                        r.sample_id
+                    )
+                } else {
+                    format!(
+                        "ref for sample {} has no spec for feature {name:?}; only file:// refs can be read without \
+                         specs",
+                        r.sample_id
+                    )
+                })
             })?;
             let nbytes = spec.nbytes()?;
             let plan =

@@ -314,7 +314,10 @@ class Store:
         tensor-parallel shard). A daemon client asks the daemon, which derives each view where
         the bytes are and sends only the view's bytes; other stores read the feature and cut the
         view out. Returns a ``Lease`` of view-shaped arrays (the arrays own their memory).
-        Raises ``InvalidArgumentError`` for a view that does not fit the feature's shape."""
+        A lazy offline ref's specs are described first (no lease). Raises
+        ``InvalidArgumentError`` (a ``ValueError``) for a view that does not fit the feature's
+        shape, before any lease is taken, and ``NotFoundError`` (a ``KeyError``) for a feature
+        the sample does not have."""
     def get_into(self, ref: SampleRef, out: dict[str, Any]) -> Lease:
         """Reads features into the caller's arrays (``out``: name -> numpy array or CPU torch
         tensor, each writable, C-contiguous, of the feature's dtype and exact byte size; a

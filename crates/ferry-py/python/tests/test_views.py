@@ -41,7 +41,7 @@ def test_every_narrow_equals_numpys_slice(store):
 
 def test_shard_view_splits_evenly_or_refuses():
     assert ferry.shard_view(1, 2, 4, 4096) == (1, 2048, 1024)
-    for args in [(0, 4, 4, 4096), (0, 0, 3, 4096), (0, 0, 0, 8)]:
+    for args in [(0, 4, 4, 4096), (0, 0, 3, 4096), (0, 0, 0, 8), (-1, 0, 2, 8), (0, -1, 2, 8)]:
         with pytest.raises(ferry.InvalidArgumentError):
             ferry.shard_view(*args)
 
@@ -75,3 +75,21 @@ def test_bfloat16_views_keep_the_stores_representation(open_store):
     with store.get_views(r, {"h": (1, 2, 3)}) as lease:
         assert lease["h"].dtype == np.uint16
         np.testing.assert_array_equal(lease["h"], bits[:, 2:5])
+
+
+def test_views_of_a_lazy_offline_ref_on_every_store(open_store, fixtures_dir):
+    # offline_refs without validate carry no specs: the store (or the daemon) describes the file.
+    import os
+
+    dump = os.path.abspath(fixtures_dir / "specforge-offline-eagle3")
+    lazy = ferry.offline_refs(dump)[0]
+    store = open_store()
+    whole = store.get(lazy)
+    ids = np.array(whole["input_ids"])
+    hidden = np.array(whole["hidden_state"])
+    whole.release()
+    assert not lazy.feature_specs
+    dim = len(ids.shape) - 1
+    with store.get_views(lazy, {"input_ids": (dim, 1, 2), "hidden_state": (0, 0, 1)}) as lease:
+        np.testing.assert_array_equal(lease["input_ids"], np.take(ids, [1, 2], axis=dim))
+        np.testing.assert_array_equal(lease["hidden_state"], hidden[:1])
