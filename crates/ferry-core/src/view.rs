@@ -10,7 +10,8 @@
 //! is four numbers and every copy is a `memcpy` of a whole run, never an element loop; runs
 //! that touch are coalesced (a narrow of the first dimension is one range).
 
-use crate::{DType, Error, Result};
+use crate::{DType, Error, FeatureSpec, Result, SampleRef};
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 /// Part of one tensor.
@@ -56,6 +57,30 @@ impl ViewSpec {
         match self {
             ViewSpec::Narrow { dim, start, length } => format!("narrow({dim},{start},{length})"),
         }
+    }
+
+    /// This view of feature `name` of sample `r`, planned against `specs` (the ref's own, or a
+    /// store's description of it), before anything is read: `NotFound` for a feature the
+    /// sample does not have, `InvalidArgument` naming the feature for one without a spec (a
+    /// lazy `file://` ref: describe it first) or a view that does not fit its shape.
+    pub fn plan_feature(&self, r: &SampleRef, specs: &IndexMap<String, FeatureSpec>, name: &str) -> Result<ViewPlan> {
+        let Some(spec) = specs.get(name) else {
+            return Err(if r.feature_keys.contains_key(name) {
+                Error::InvalidArgument(format!(
+                    "a view of feature {name:?} of sample {} needs its spec (shape and dtype), which the ref \
+                     lacks (a lazy file:// ref: describe it first)",
+                    r.sample_id
+                ))
+            } else {
+                Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) }
+            });
+        };
+        self.plan(spec.dtype()?, &spec.shape).map_err(|e| match e {
+            Error::InvalidArgument(m) => {
+                Error::InvalidArgument(format!("feature {name:?} of sample {}: {m}", r.sample_id))
+            }
+            other => other,
+        })
     }
 
     /// The byte ranges of a tensor of `dtype` and `shape` that make up this view, checked

@@ -685,7 +685,7 @@ impl Client {
         let plans = dsts
             .iter()
             .map(|(name, view, dst)| {
-                let plan = view_plan(r, name, view)?;
+                let plan = view.plan_feature(r, &r.feature_specs, name)?;
                 if dst.len() as u64 != plan.nbytes {
                     return Err(Error::InvalidArgument(format!(
                         "get_views_into: buffer for view {} of feature {name:?} of sample {} is {} bytes; the view \
@@ -732,7 +732,7 @@ impl Client {
     ) -> Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
         let mut parts = Vec::with_capacity(views.len());
         for (name, view) in views {
-            let plan = view_plan(r, name, view)?;
+            let plan = view.plan_feature(r, &r.feature_specs, name)?;
             let dtype = r.feature_specs.get(*name).map(FeatureSpec::dtype).transpose()?.unwrap_or(DType::UInt8);
             let len = usize::try_from(plan.nbytes).map_err(|_| Error::InvalidArgument("view too large".into()))?;
             let buf = self.output_pool.try_take(len).ok_or_else(|| {
@@ -1013,25 +1013,6 @@ fn check_destinations(tensors: &[WireTensor], dsts: &[(&str, &mut [u8])], prefix
         }
     }
     None
-}
-
-/// The plan of `view` of feature `name`, from the ref's spec.
-fn view_plan(r: &SampleRef, name: &str, view: &ViewSpec) -> Result<ViewPlan> {
-    if !r.feature_keys.contains_key(name) {
-        // As a get of a feature the sample does not have.
-        return Err(Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) });
-    }
-    let spec = r.feature_specs.get(name).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "a view of feature {name:?} of sample {} needs its spec in the ref (shape and dtype); the ref has none \
-             (a lazy file:// ref: fill its specs with `describe` first)",
-            r.sample_id
-        ))
-    })?;
-    view.plan(spec.dtype()?, &spec.shape).map_err(|e| match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("feature {name:?} of sample {}: {m}", r.sample_id)),
-        other => other,
-    })
 }
 
 fn corrupt_placement(place: &Placement, need: u64) -> Error {

@@ -362,18 +362,18 @@ impl Store {
         let client = self.client.lock().map_err(|_| invalid(py, "store lock poisoned"))?.clone();
         let pairs: Vec<(&str, ViewSpec)> = wanted.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         let (tensors, handle) = py
-            .detach(|| match &client {
-                Some(client) => {
-                    // A lazy offline ref carries no specs: the daemon describes the file (no
-                    // lease), and the views are planned on that.
-                    if pairs.iter().any(|(n, _)| !sample.feature_specs.contains_key(*n)) {
-                        for (name, spec) in client.describe(&sample)? {
-                            sample.feature_specs.entry(name).or_insert(spec);
-                        }
+            .detach(|| {
+                // A lazy offline ref carries no specs: the store describes the file (no lease),
+                // and the views are planned on that.
+                if pairs.iter().any(|(n, _)| !sample.feature_specs.contains_key(*n)) {
+                    for (name, spec) in api.describe(&sample)? {
+                        sample.feature_specs.entry(name).or_insert(spec);
                     }
-                    client.get_views(&sample, &pairs)
                 }
-                None => cut_views(&*api, &sample, &pairs),
+                match &client {
+                    Some(client) => client.get_views(&sample, &pairs),
+                    None => cut_views(&*api, &sample, &pairs),
+                }
             })
             .py_err(py)?;
         self.lease_of(py, api, tensors, handle, r)
@@ -581,8 +581,9 @@ impl Store {
     }
 }
 
-/// Views of a store that is not a daemon client: the features are read whole, and each view is
-/// cut out into a buffer of its own (a failure gives the lease back).
+/// Views of a store that is not a daemon client (`r` carries the specs of the viewed features):
+/// the features are read whole, and each view is cut out into a buffer of its own (a failure
+/// gives the lease back).
 fn cut_views(
     api: &dyn FeatureStoreApi,
     r: &ferry_core::SampleRef,
@@ -590,41 +591,18 @@ fn cut_views(
 ) -> ferry_core::Result<(IndexMap<String, TensorBuf>, FeatureHandle)> {
     // Every view is checked against the feature's spec before the read: a lease taken and given
     // back would free a consume-once sample, so a bad view must never get that far.
-    let described;
-    let specs = if views.iter().all(|(n, _)| r.feature_specs.contains_key(*n)) {
-        &r.feature_specs
-    } else {
-        described = api.describe(r)?;
-        &described
-    };
-    for (name, view) in views {
-        let spec = specs.get(*name).ok_or_else(|| {
-            if r.feature_keys.contains_key(*name) {
-                Error::InvalidArgument(format!(
-                    "a view of feature {name:?} of sample {} needs its spec (shape and dtype); the ref has none",
-                    r.sample_id
-                ))
-            } else {
-                Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) }
-            }
-        })?;
-        view.plan(spec.dtype()?, &spec.shape).map_err(|e| match e {
-            Error::InvalidArgument(m) => Error::InvalidArgument(format!("feature {name:?}: {m}")),
-            other => other,
-        })?;
-    }
+    let plans = views
+        .iter()
+        .map(|(name, view)| view.plan_feature(r, &r.feature_specs, name))
+        .collect::<ferry_core::Result<Vec<_>>>()?;
     let names: Vec<&str> = views.iter().map(|(n, _)| *n).collect();
     let (tensors, handle) = api.get(r, Some(&names))?;
     let cut = || -> ferry_core::Result<IndexMap<String, TensorBuf>> {
         let mut out = IndexMap::with_capacity(views.len());
-        for (name, view) in views {
+        for (name, plan) in names.iter().zip(plans) {
             let t = tensors
                 .get(*name)
                 .ok_or_else(|| Error::NotFound { what: format!("feature {name:?} of sample {}", r.sample_id) })?;
-            let plan = view.plan(t.dtype(), t.shape()).map_err(|e| match e {
-                Error::InvalidArgument(m) => Error::InvalidArgument(format!("feature {name:?}: {m}")),
-                other => other,
-            })?;
             let len = usize::try_from(plan.nbytes).map_err(|_| Error::InvalidArgument("view too large".into()))?;
             let mut buf = AlignedBuf::try_zeroed(len).ok_or_else(|| {
                 Error::InvalidArgument(format!(

@@ -458,12 +458,18 @@ impl<'a, S: Read + Write> Connection<'a, S> {
             return self.get_located(&h, &req);
         }
         let names: Option<Vec<&str>> = req.names.as_ref().map(|n| n.iter().map(String::as_str).collect());
-        if let Some(views) = &req.views
-            && let Err(e) = wanted_features(&req.r#ref, req.names.as_deref(), Some(views))
-        {
-            self.send_error(&h, &e)?;
-            return Ok(Next::Continue);
-        }
+        // Views are planned against the ref's specs (a view needs them) before the lease; the
+        // store returns tensors shaped by those specs.
+        let planned = match &req.views {
+            Some(views) => match wanted_features(&req.r#ref, req.names.as_deref(), Some(views)) {
+                Ok(wanted) => wanted,
+                Err(e) => {
+                    self.send_error(&h, &e)?;
+                    return Ok(Next::Continue);
+                }
+            },
+            None => Vec::new(),
+        };
         let (tensors, handle) = match self.shared.store.get(&req.r#ref, names.as_deref()) {
             Ok(ok) => ok,
             Err(e) => {
@@ -471,27 +477,22 @@ impl<'a, S: Read + Write> Connection<'a, S> {
                 return Ok(Next::Continue);
             }
         };
-        // Views were checked against the ref's specs above (a view needs them), and the store
-        // returns tensors shaped by those specs; the views are planned on what it returned, and
-        // one that does not fit gives the lease back.
         let mut wires = Vec::with_capacity(tensors.len());
         let mut parts = Vec::with_capacity(tensors.len());
         for (name, t) in &tensors {
-            let mut wire = WireTensor::of(name, &t.view());
-            let plan =
-                req.views.as_ref().and_then(|v| v.get(name.as_str())).map(|view| view.plan(t.dtype(), t.shape()));
-            match plan.transpose().and_then(|plan| {
-                if let Some(plan) = &plan {
-                    wire.shape = plan.shape.clone();
-                }
-                PayloadPart::of(t.bytes(), plan.as_ref())
-            }) {
+            let plan = planned.iter().find(|w| w.wire.name == *name).and_then(|w| w.plan.as_ref());
+            match PayloadPart::of(t.bytes(), plan) {
                 Ok(part) => parts.push(part),
                 Err(e) => {
+                    // The tensor does not hold the bytes its spec says: give the lease back.
                     let _ = self.shared.store.release(&handle);
                     self.send_error(&h, &e)?;
                     return Ok(Next::Continue);
                 }
+            }
+            let mut wire = WireTensor::of(name, &t.view());
+            if let Some(plan) = plan {
+                wire.shape = plan.shape.clone();
             }
             wires.push(wire);
         }
@@ -544,7 +545,7 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         }
         let reply = GetReply { handle, tensors, route: self.transport, placements: None };
         // A view goes as its ranges of the object, straight from the arena (or gathered, when
-        // its ranges are short: see `ViewPayload`).
+        // its ranges are short: see `PayloadPart`).
         let parts: Result<Vec<PayloadPart<'_>>> = wanted
             .iter()
             .zip(&located.objects)
@@ -575,18 +576,19 @@ impl<'a, S: Read + Write> Connection<'a, S> {
         let handle = reply.handle.clone();
         self.leases.insert(handle.lease_token.to_string(), HeldLease { handle: handle.clone(), pin });
         let flags = if reply.route == Route::Shm { flags::REPLY | flags::SHM } else { flags::REPLY };
-        let slices: Option<Vec<&[u8]>> = payload
-            .iter()
-            .map(|p| match p {
-                PayloadPart::Slices(s) => Some(s.clone()),
-                PayloadPart::Gather(..) => None,
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(|per_part| per_part.concat());
-        let sent = match slices {
+        let sent = if payload.iter().any(|p| matches!(p, PayloadPart::Gather(..))) {
+            self.send_parts(Op::Get, h.request_id, flags, &meta, payload)
+        } else {
             // The common case: one vectored write of header, metadata and every slice.
-            Some(slices) => self.send_raw(Op::Get, h.request_id, flags, &meta, &slices),
-            None => self.send_parts(Op::Get, h.request_id, flags, &meta, payload),
+            let slices: Vec<&[u8]> = payload
+                .iter()
+                .flat_map(|p| match p {
+                    PayloadPart::Slices(s) => s.as_slice(),
+                    PayloadPart::Gather(..) => &[],
+                })
+                .copied()
+                .collect();
+            self.send_raw(Op::Get, h.request_id, flags, &meta, &slices)
         };
         if let Err(e) = sent {
             self.drop_lease(handle.lease_token.as_str());
@@ -918,14 +920,7 @@ fn wanted_features<'r>(
             })?;
             let nbytes = spec.nbytes()?;
             let plan =
-                views.and_then(|v| v.get(name)).map(|view| view.plan(spec.dtype()?, &spec.shape)).transpose().map_err(
-                    |e| match e {
-                        Error::InvalidArgument(m) => {
-                            Error::InvalidArgument(format!("feature {name:?} of sample {}: {m}", r.sample_id))
-                        }
-                        other => other,
-                    },
-                )?;
+                views.and_then(|v| v.get(name)).map(|view| view.plan_feature(r, &r.feature_specs, name)).transpose()?;
             let shape = plan.as_ref().map_or_else(|| spec.shape.clone(), |p| p.shape.clone());
             let wire = WireTensor { name: name.to_owned(), dtype: spec.dtype.clone(), shape };
             Ok(Wanted { object: raw_key(key), nbytes, wire, plan })
